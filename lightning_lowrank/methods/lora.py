@@ -1,0 +1,97 @@
+"""LoRA (Hu et al. 2021), with rsLoRA scaling (Kalajdzievski 2023) and LoRA-FA (Zhang et al. 2023).
+
+The update of a frozen weight ``W0`` of shape ``(out, in)`` is
+
+    dW = s * B @ A,    A: (r, in),  B: (out, r),
+    s = alpha / r  (``scaling="standard"``)  or  alpha / sqrt(r)  (``scaling="rslora"``).
+
+A is Kaiming-uniform and B is zero, so the adapted model equals the base at initialisation. The
+forward pass is ``base(x) + s * (dropout(x) @ A.T) @ B.T``: the dense ``dW`` is never built.
+``train_a=False`` freezes A after its random initialisation (LoRA-FA): only B trains, and autograd
+keeps ``x @ A.T`` (r values per token) instead of the full input for A's gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_lowrank.methods.base import (
+    AdapterConfig,
+    AdapterLayer,
+    Scaling,
+    Side,
+    embed_or_linear,
+    kaiming_uniform_,
+    scale_factor,
+)
+
+
+@dataclass
+class LoRA(AdapterConfig):
+    """Low-rank adaptation: ``dW = s * B @ A``.
+
+    Args:
+        rank: r, the inner dimension of the update.
+        alpha: the numerator of the scale ``s``.
+        dropout: dropout probability on the adapter's input only (the base path sees ``x``).
+        scaling: ``"standard"`` (``s = alpha / r``) or ``"rslora"`` (``s = alpha / sqrt(r)``).
+        train_a: ``False`` freezes A after initialisation (LoRA-FA); only B trains.
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    scaling: Scaling = "standard"
+    train_a: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        scale_factor(self.alpha, max(self.rank, 1), self.scaling)  # validates `scaling`
+
+
+class LoRALayer(AdapterLayer):
+    """A base layer plus ``s * B @ A``. See :class:`LoRA`."""
+
+    def __init__(self, base: nn.Module, config: LoRA) -> None:
+        super().__init__(base, config)
+        r = config.rank
+        w = base.weight
+        self.scale = scale_factor(config.alpha, r, config.scaling)
+        self.lora_A = nn.Parameter(
+            torch.empty(r, self.in_features, dtype=w.dtype, device=w.device),
+            requires_grad=config.train_a,
+        )
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=w.dtype, device=w.device))
+        if self.kind == "embedding":
+            # as in PEFT: A is zero and B random, so the embedding lookup of A gets a gradient
+            nn.init.zeros_(self.lora_A)
+            nn.init.normal_(self.lora_B)
+            if not config.train_a:
+                raise ValueError("train_a=False (LoRA-FA) is not supported on embedding layers")
+        else:
+            kaiming_uniform_(self.lora_A)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+    def adapter_forward(self, x: Tensor) -> Tensor:
+        if self.kind != "embedding":
+            x = self.dropout(x.to(self.lora_A.dtype))
+        h = embed_or_linear(self, x, self.lora_A)
+        # scaling the (..., r) intermediate is cheaper than scaling either factor or the output
+        return F.linear(h * self.scale, self.lora_B)
+
+    def delta_weight(self) -> Tensor:
+        return (self.lora_B @ self.lora_A) * self.scale
+
+    def param_sides(self) -> dict[str, Side]:
+        sides: dict[str, Side] = {"lora_B": "B"}
+        if self.config.train_a:
+            sides["lora_A"] = "A"
+        return sides
+
+
+LoRA.layer_cls = LoRALayer

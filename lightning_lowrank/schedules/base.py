@@ -1,0 +1,41 @@
+"""The interface between the callback and a scheduled method.
+
+A schedule is a plain object with small hook methods, testable without a Trainer. The callback calls
+them from the right Trainer hooks; each hook gets the adapter layers (by qualified name) and the
+number of optimizer steps taken so far. Nothing here imports Lightning.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from lightning_lowrank.methods.base import AdapterLayer
+
+
+class Schedule:
+    """Base class of scheduled methods (AdaLoRA's allocator, LoRA-drop, Delta-LoRA).
+
+    Every hook is optional. ``step`` is the number of optimizer steps completed (the Trainer's
+    ``global_step``); hooks fire once per optimizer step, never per micro-batch.
+    """
+
+    def setup(self, model: nn.Module, layers: dict[str, AdapterLayer], total_steps: int | None) -> None:
+        """Called once after injection, before the strategy wraps the model."""
+
+    def before_optimizer_step(self, model: nn.Module, layers: dict[str, AdapterLayer], step: int) -> None:
+        """Called after the gradients are complete (and synced across ranks), before the step."""
+
+    def after_optimizer_step(self, model: nn.Module, layers: dict[str, AdapterLayer], step: int) -> None:
+        """Called once after each optimizer step; ``step`` already counts it."""
+
+    def checkpoint_keeps_base(self) -> bool:
+        """Whether adapter-only checkpoints must keep the adapted layers' base weights."""
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
