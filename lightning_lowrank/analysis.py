@@ -1,0 +1,158 @@
+"""What an adapter did to a weight: intruder dimensions and the effective rank of its update.
+
+Intruder dimensions (Shuttleworth et al. 2024, arXiv 2410.21228). Let ``W0`` be a pre-trained weight
+and ``W`` the fine-tuned one, both ``(out, in)``, with left singular vectors ``U0`` and ``U`` (thin
+SVD, columns sorted by decreasing singular value). For each of the top ``k`` columns ``u_j`` of
+``U`` the similarity is its largest absolute cosine with any column of ``U0``:
+
+    sim_j = max_i |<u_j, U0[:, i]>|
+
+and ``u_j`` is an *intruder* when ``sim_j < epsilon``: a high-ranking direction of the fine-tuned
+weight that resembles none of the pre-trained ones. The paper finds LoRA creates them and full
+fine-tuning does not.
+
+Effective rank (Roy & Vetterli 2007, "The effective rank: a measure of effective
+dimensionality"): with singular values ``sigma_i`` of a matrix and ``p_i = sigma_i / sum(sigma)``,
+
+    erank = exp(-sum_i p_i log p_i),
+
+a real number between 1 (one direction carries everything) and the rank (a flat spectrum).
+
+The model-level functions use only the adapter protocol: ``W0`` is the base layer's weight in
+``(out, in)`` orientation (:func:`~lightning_lowrank.methods.base.weight_oi`) and
+``W = W0 + delta_weight()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from lightning_lowrank.inject import adapter_layers
+from lightning_lowrank.methods.base import AdapterLayer, weight_oi
+
+
+@dataclass
+class IntruderResult:
+    """Intruder dimensions of one fine-tuned weight.
+
+    Attributes:
+        count: how many of the top ``k`` singular vectors of ``W`` are intruders.
+        similarities: ``(k,)`` max absolute cosine of each top singular vector of ``W`` with the
+            singular vectors of ``W0``, in order of decreasing singular value of ``W``.
+        indices: positions (0 = largest singular value of ``W``) of the intruders.
+        singular_values: ``(k,)`` the top singular values of ``W``.
+        epsilon: the similarity threshold used.
+    """
+
+    count: int
+    similarities: Tensor
+    indices: list[int] = field(default_factory=list)
+    singular_values: Tensor | None = None
+    epsilon: float = 0.5
+
+
+def left_singular_vectors(w: Tensor, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+    """Thin SVD's ``U`` and singular values of ``w``, computed in ``dtype`` (float64 by default,
+    so near-equal singular values do not swap between runs)."""
+    u, s, _ = torch.linalg.svd(w.detach().to(dtype), full_matrices=False)
+    return u, s
+
+
+def intruder_similarities(u0: Tensor, w: Tensor, k: int = 10) -> tuple[Tensor, Tensor]:
+    """Max ``|cosine|`` of each of the top ``k`` left singular vectors of ``w`` with the columns
+    of ``u0``, and those top singular values. ``u0`` may be cached across calls (it depends on the
+    pre-trained weight only)."""
+    u, s = left_singular_vectors(w, u0.dtype)
+    k = min(k, u.shape[1])
+    # columns of u and u0 are unit vectors, so the inner products are the cosines
+    sims = (u[:, :k].T @ u0).abs().amax(dim=1)
+    return sims, s[:k]
+
+
+def intruder_dimensions(w0: Tensor, w: Tensor, k: int = 10, epsilon: float = 0.5) -> IntruderResult:
+    """Count the intruder dimensions of a fine-tuned weight ``w`` relative to ``w0``.
+
+    ``sim_j = max_i |<u_j, u0_i>|`` for the top ``k`` left singular vectors ``u_j`` of ``w`` and
+    all left singular vectors ``u0_i`` of ``w0``; ``u_j`` is an intruder when ``sim_j < epsilon``.
+
+    Args:
+        w0: the pre-trained weight, ``(out, in)``.
+        w: the fine-tuned weight, same shape.
+        k: how many of the top singular vectors of ``w`` to test (10 in the paper).
+        epsilon: the similarity threshold (0.5 in the paper, which also sweeps it).
+
+    Returns:
+        An :class:`IntruderResult`.
+    """
+    if w0.shape != w.shape or w0.dim() != 2:
+        raise ValueError(
+            f"w0 and w must be matrices of the same shape, got {tuple(w0.shape)} and "
+            f"{tuple(w.shape)}: pass the weights in (out, in) orientation (see weight_oi)"
+        )
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if not 0.0 < epsilon <= 1.0:
+        raise ValueError(f"epsilon must be in (0, 1], got {epsilon}")
+    u0, _ = left_singular_vectors(w0)
+    sims, top = intruder_similarities(u0, w, k)
+    return _result(sims, top, epsilon)
+
+
+def _result(sims: Tensor, top: Tensor, epsilon: float) -> IntruderResult:
+    hits = (sims < epsilon).nonzero().flatten().tolist()
+    return IntruderResult(len(hits), sims, hits, top, epsilon)
+
+
+def effective_rank(matrix: Tensor, eps: float = 1e-12) -> float:
+    """Roy & Vetterli's effective rank ``exp(H(p))``, ``p_i = sigma_i / sum_j sigma_j``.
+
+    Returns 0.0 for a zero matrix (e.g. a LoRA delta at initialisation, where ``B = 0``).
+    """
+    s = torch.linalg.svdvals(matrix.detach().to(torch.float64))
+    total = s.sum()
+    if total <= eps:
+        return 0.0
+    p = s / total
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def adapted_weights(layer: AdapterLayer) -> tuple[Tensor, Tensor]:
+    """``(W0, W)`` of one adapter layer in ``(out, in)`` orientation, merged or not."""
+    with torch.no_grad():
+        base = weight_oi(layer.base).detach()
+        delta = layer.delta_weight().detach().to(base.dtype)
+        if layer.merged:  # the base weight already holds W0 + delta
+            return base - delta, base.clone()
+        return base.clone(), base + delta
+
+
+def model_intruder_dimensions(
+    model: nn.Module, k: int = 10, epsilon: float = 0.5
+) -> dict[str, IntruderResult]:
+    """:func:`intruder_dimensions` for every adapter layer of ``model``, keyed by layer name.
+
+    ``W0`` is the base layer's weight and ``W = W0 + delta_weight()``. (Under Delta-LoRA the base
+    weight itself moves; use :class:`~lightning_lowrank.monitor.AdapterMonitor`, which keeps the
+    pre-trained spectrum from the start of training.)
+    """
+    layers = adapter_layers(model)
+    if not layers:
+        raise ValueError("the model has no adapters: call inject(model, method, ...) first")
+    out = {}
+    for name, layer in layers.items():
+        w0, w = adapted_weights(layer)
+        out[name] = intruder_dimensions(w0, w, k=k, epsilon=epsilon)
+    return out
+
+
+def delta_effective_ranks(model: nn.Module) -> dict[str, float]:
+    """Effective rank of every adapter layer's ``delta_weight()``, keyed by layer name."""
+    layers = adapter_layers(model)
+    if not layers:
+        raise ValueError("the model has no adapters: call inject(model, method, ...) first")
+    with torch.no_grad():
+        return {name: effective_rank(layer.delta_weight()) for name, layer in layers.items()}
