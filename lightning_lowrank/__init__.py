@@ -1,5 +1,6 @@
 """lightning_lowrank: low-rank adaptation for PyTorch Lightning, as one callback."""
 
+from lightning_lowrank.analysis import intruder_dimensions
 from lightning_lowrank.callback import LowRankCallback
 from lightning_lowrank.inject import (
     adapter_layers,
@@ -12,6 +13,7 @@ from lightning_lowrank.inject import (
 )
 from lightning_lowrank.io import adapter_state_dict, load_adapter, read_adapter, save_adapter
 from lightning_lowrank.methods import AdapterConfig, AdapterLayer, LoRA
+from lightning_lowrank.monitor import AdapterMonitor
 from lightning_lowrank.optim import lora_plus_param_groups, split_optimizer
 from lightning_lowrank.schedules import Schedule
 
@@ -20,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterConfig",
     "AdapterLayer",
+    "AdapterMonitor",
     "LoRA",
     "LowRankCallback",
     "Schedule",
@@ -27,6 +30,7 @@ __all__ = [
     "adapter_state_dict",
     "find_targets",
     "inject",
+    "intruder_dimensions",
     "load_adapter",
     "lora_plus_param_groups",
     "merge",

@@ -98,10 +98,11 @@ def intruder_dimensions(w0: Tensor, w: Tensor, k: int = 10, epsilon: float = 0.5
         raise ValueError(f"epsilon must be in (0, 1], got {epsilon}")
     u0, _ = left_singular_vectors(w0)
     sims, top = intruder_similarities(u0, w, k)
-    return _result(sims, top, epsilon)
+    return classify_intruders(sims, top, epsilon)
 
 
-def _result(sims: Tensor, top: Tensor, epsilon: float) -> IntruderResult:
+def classify_intruders(sims: Tensor, top: Tensor, epsilon: float) -> IntruderResult:
+    """An :class:`IntruderResult` from the similarities of :func:`intruder_similarities`."""
     hits = (sims < epsilon).nonzero().flatten().tolist()
     return IntruderResult(len(hits), sims, hits, top, epsilon)
 
