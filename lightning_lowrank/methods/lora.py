@@ -14,6 +14,7 @@ keeps ``x @ A.T`` (r values per token) instead of the full input for A's gradien
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -57,11 +58,16 @@ class LoRA(AdapterConfig):
 class LoRALayer(AdapterLayer):
     """A base layer plus ``s * B @ A``. See :class:`LoRA`."""
 
-    def __init__(self, base: nn.Module, config: LoRA) -> None:
+    def __init__(
+        self, base: nn.Module, config: LoRA, rank: int | None = None, alpha: float | None = None
+    ) -> None:
         super().__init__(base, config)
-        r = config.rank
+        # per-layer rank / alpha overrides (PEFT's rank_pattern / alpha_pattern); None: the config's
+        self.rank = config.rank if rank is None else int(rank)
+        self.alpha = config.alpha if alpha is None else float(alpha)
+        r = self.rank
         w = base.weight
-        self.scale = scale_factor(config.alpha, r, config.scaling)
+        self.scale = scale_factor(self.alpha, r, config.scaling)
         self.lora_A = nn.Parameter(
             torch.empty(r, self.in_features, dtype=w.dtype, device=w.device),
             requires_grad=config.train_a,
@@ -86,6 +92,14 @@ class LoRALayer(AdapterLayer):
 
     def delta_weight(self) -> Tensor:
         return (self.lora_B @ self.lora_A) * self.scale
+
+    def layer_metadata(self) -> dict[str, Any]:
+        meta: dict[str, Any] = {}
+        if self.rank != self.config.rank:
+            meta["rank"] = self.rank
+        if self.alpha != self.config.alpha:
+            meta["alpha"] = self.alpha
+        return meta
 
     def param_sides(self) -> dict[str, Side]:
         sides: dict[str, Side] = {"lora_B": "B"}
