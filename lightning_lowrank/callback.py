@@ -131,7 +131,9 @@ class LowRankCallback(Callback):
         for optimizer in trainer.optimizers:
             split_optimizer(optimizer, pl_module, self.lr_ratio, schedulers, self.embedding_lr)
         held = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
-        missing = [n for n, p in pl_module.named_parameters() if p.requires_grad and id(p) not in held]
+        missing = [
+            n for n, p in pl_module.named_parameters() if p.requires_grad and id(p) not in held
+        ]
         if missing:
             rank_zero_warn(
                 f"LowRankCallback: {len(missing)} trainable parameters are in no optimizer "
@@ -155,7 +157,12 @@ class LowRankCallback(Callback):
 
     @override
     def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
     ) -> None:
         step = trainer.global_step
         if step == self._last_step:

@@ -63,16 +63,16 @@ def find_targets(
     if target_modules == "all-linear":
         heads = _output_head_names(model)
         selected = {
-            n: m
-            for n, m in named
-            if layer_kind(m) in ("linear", "conv1d") and n not in heads
+            n: m for n, m in named if layer_kind(m) in ("linear", "conv1d") and n not in heads
         }
     else:
         if isinstance(target_modules, str):
             try:
                 re.compile(target_modules)
             except re.error as err:
-                raise ValueError(f"target_modules {target_modules!r} is not a valid regex: {err}") from err
+                raise ValueError(
+                    f"target_modules {target_modules!r} is not a valid regex: {err}"
+                ) from err
         selected = {n: m for n, m in named if _matches(n, target_modules)}
     if exclude_modules:
         selected = {n: m for n, m in selected.items() if not _matches(n, exclude_modules)}

@@ -82,7 +82,14 @@ def lora_plus_param_groups(
                 "name": f"lora_plus_{role}" + ("" if decay else "_no_decay"),
             }
         groups[key]["params"].append(p)
-    order = [("A", True), ("A", False), ("B", True), ("B", False), ("embedding", True), ("embedding", False)]
+    order = [
+        ("A", True),
+        ("A", False),
+        ("B", True),
+        ("B", False),
+        ("embedding", True),
+        ("embedding", False),
+    ]
     return [groups[k] for k in order if k in groups]
 
 

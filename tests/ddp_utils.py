@@ -41,10 +41,16 @@ def run_ddp(tmp_path: Path, body: str, timeout: float = 240) -> list[object]:
     script.write_text(PRELUDE + textwrap.dedent(body))
     out = tmp_path / "ddp_out"
     out.mkdir(exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent), OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent), OMP_NUM_THREADS="1"
+    )
     proc = subprocess.run(
         [sys.executable, str(script), str(out)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     if proc.returncode != 0:
         raise AssertionError(f"DDP script failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")

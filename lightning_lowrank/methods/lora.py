@@ -72,7 +72,9 @@ class LoRALayer(AdapterLayer):
             torch.empty(r, self.in_features, dtype=w.dtype, device=w.device),
             requires_grad=config.train_a,
         )
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=w.dtype, device=w.device))
+        self.lora_B = nn.Parameter(
+            torch.zeros(self.out_features, r, dtype=w.dtype, device=w.device)
+        )
         if self.kind == "embedding":
             # as in PEFT: A is zero and B random, so the embedding lookup of A gets a gradient
             nn.init.zeros_(self.lora_A)

@@ -21,13 +21,19 @@ class Schedule:
     ``global_step``); hooks fire once per optimizer step, never per micro-batch.
     """
 
-    def setup(self, model: nn.Module, layers: dict[str, AdapterLayer], total_steps: int | None) -> None:
+    def setup(
+        self, model: nn.Module, layers: dict[str, AdapterLayer], total_steps: int | None
+    ) -> None:
         """Called once after injection, before the strategy wraps the model."""
 
-    def before_optimizer_step(self, model: nn.Module, layers: dict[str, AdapterLayer], step: int) -> None:
+    def before_optimizer_step(
+        self, model: nn.Module, layers: dict[str, AdapterLayer], step: int
+    ) -> None:
         """Called after the gradients are complete (and synced across ranks), before the step."""
 
-    def after_optimizer_step(self, model: nn.Module, layers: dict[str, AdapterLayer], step: int) -> None:
+    def after_optimizer_step(
+        self, model: nn.Module, layers: dict[str, AdapterLayer], step: int
+    ) -> None:
         """Called once after each optimizer step; ``step`` already counts it."""
 
     def checkpoint_keeps_base(self) -> bool:
