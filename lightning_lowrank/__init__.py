@@ -15,6 +15,7 @@ from lightning_lowrank.io import adapter_state_dict, load_adapter, read_adapter,
 from lightning_lowrank.methods import AdapterConfig, AdapterLayer, LoRA
 from lightning_lowrank.monitor import AdapterMonitor
 from lightning_lowrank.optim import lora_plus_param_groups, split_optimizer
+from lightning_lowrank.peft import export_peft, import_peft
 from lightning_lowrank.schedules import Schedule
 
 __version__ = "0.1.0"
@@ -28,7 +29,9 @@ __all__ = [
     "Schedule",
     "adapter_layers",
     "adapter_state_dict",
+    "export_peft",
     "find_targets",
+    "import_peft",
     "inject",
     "intruder_dimensions",
     "load_adapter",
