@@ -10,7 +10,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test lint unit notebooks docs serve-docs bench format clean
+.PHONY: demo test lint unit notebooks docs serve-docs bench format clean fortunes
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,10 +37,10 @@ lint: $(VENV)/.all-installed
 	$(BIN)/ruff check lightning_lowrank tests benchmarks
 	$(BIN)/ruff format --check lightning_lowrank tests benchmarks
 
-unit: $(VENV)/.all-installed
+unit: $(VENV)/.all-installed fortunes
 	$(BIN)/python -m pytest -q tests
 
-notebooks: $(VENV)/.all-installed
+notebooks: $(VENV)/.all-installed fortunes
 	LOWRANK_SMOKE=1 $(BIN)/python -m pytest -q --nbval-lax tutorials
 
 docs: $(VENV)/.all-installed
@@ -49,8 +49,17 @@ docs: $(VENV)/.all-installed
 serve-docs: $(VENV)/.all-installed
 	$(BIN)/mkdocs serve
 
-bench: $(VENV)/.all-installed
+bench: $(VENV)/.all-installed fortunes
 	$(BIN)/python -m benchmarks.speed
+
+# Debian's fortunes corpus (a harder classification task for tutorials and benchmarks); without
+# root or apt the install is skipped and the loaders raise an error naming the packages
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+fortunes:
+	@dpkg -s fortunes fortunes-min >/dev/null 2>&1 || \
+		$(SUDO) apt-get install -y -qq fortunes fortunes-min >/dev/null 2>&1 || \
+		($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq fortunes fortunes-min) || \
+		echo "warning: could not install the Debian packages fortunes fortunes-min"
 
 test: lint unit notebooks docs
 
