@@ -12,20 +12,22 @@ from lightning_lowrank.inject import (
     unmerge,
 )
 from lightning_lowrank.io import adapter_state_dict, load_adapter, read_adapter, save_adapter
-from lightning_lowrank.methods import AdapterConfig, AdapterLayer, LoRA
+from lightning_lowrank.methods import AdaLoRA, AdapterConfig, AdapterLayer, LoRA
 from lightning_lowrank.monitor import AdapterMonitor
 from lightning_lowrank.optim import lora_plus_param_groups, split_optimizer
 from lightning_lowrank.peft import export_peft, import_peft
-from lightning_lowrank.schedules import Schedule
+from lightning_lowrank.schedules import RankAllocator, Schedule
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaLoRA",
     "AdapterConfig",
     "AdapterLayer",
     "AdapterMonitor",
     "LoRA",
     "LowRankCallback",
+    "RankAllocator",
     "Schedule",
     "adapter_layers",
     "adapter_state_dict",

@@ -26,6 +26,7 @@ The model-level functions use only the adapter protocol: ``W0`` is the base laye
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -157,3 +158,61 @@ def delta_effective_ranks(model: nn.Module) -> dict[str, float]:
         raise ValueError("the model has no adapters: call inject(model, method, ...) first")
     with torch.no_grad():
         return {name: effective_rank(layer.delta_weight()) for name, layer in layers.items()}
+
+
+def rank_allocation_matrix(source: Any) -> tuple[list[str], list[int], Tensor]:
+    """AdaLoRA's rank per layer at every optimizer step, as a ``(layers, steps + 1)`` matrix.
+
+    Args:
+        source: a ``LowRankCallback`` running AdaLoRA, its ``RankAllocator``, or the dict from
+            ``RankAllocator.rank_history()``.
+
+    Returns:
+        ``(layer names, steps 0..t, ranks)``; the allocator records a row whenever the masks
+        change, and the rank between two records is that of the earlier one.
+    """
+    history = _rank_history(source)
+    steps, rows = history["steps"], history["ranks"]
+    last = max(steps[-1] if steps else 0, history.get("step", 0))
+    matrix = torch.zeros(len(history["layers"]), last + 1, dtype=torch.long)
+    for i, (step, ranks) in enumerate(zip(steps, rows, strict=True)):
+        end = steps[i + 1] if i + 1 < len(steps) else last + 1
+        matrix[:, step:end] = torch.tensor(ranks, dtype=torch.long).unsqueeze(1)
+    return list(history["layers"]), list(range(last + 1)), matrix
+
+
+def _rank_history(source: Any) -> dict[str, Any]:
+    if isinstance(source, dict):
+        return source
+    for candidate in [source, *getattr(source, "schedules", [])]:
+        if callable(getattr(candidate, "rank_history", None)):
+            return candidate.rank_history()
+    raise TypeError("expected a LowRankCallback running AdaLoRA, a RankAllocator or its history")
+
+
+def plot_rank_allocation(source: Any, ax: Any = None, total_steps: int | None = None) -> Any:
+    """Draw AdaLoRA's rank allocation as a heat-map: layers (rows) x optimizer steps (columns).
+
+    Args:
+        source: as for :func:`rank_allocation_matrix`.
+        ax: a matplotlib ``Axes`` to draw on; a new figure is made when ``None``.
+        total_steps: extend the last recorded pattern up to this step (the pattern is fixed in
+            AdaLoRA's final phase, so the record ends early).
+
+    Returns:
+        The ``Axes``.
+    """
+    import matplotlib.pyplot as plt  # lazily: plotting is optional
+
+    names, steps, matrix = rank_allocation_matrix(source)
+    if total_steps is not None and total_steps > steps[-1]:
+        pad = matrix[:, -1:].expand(-1, total_steps - steps[-1])
+        matrix = torch.cat([matrix, pad], dim=1)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(8, max(2.0, 0.22 * len(names) + 1)))
+    image = ax.imshow(matrix.numpy(), aspect="auto", interpolation="nearest", cmap="viridis")
+    ax.set_yticks(range(len(names)), labels=names, fontsize=7)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("adapted layer")
+    ax.figure.colorbar(image, ax=ax, label="rank")
+    return ax

@@ -51,13 +51,20 @@ def model_method(model: nn.Module) -> AdapterConfig:
     return next(iter(configs.values()))
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+def save_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    extra: dict[str, Any] | None = None,
+    truncate: bool = False,
+) -> Path:
     """Write the model's adapter (not the base weights) to a safetensors file, atomically.
 
     Args:
         model: a model with injected adapters.
         path: the file to write (conventionally ``*.safetensors``).
         extra: JSON-serialisable state to store in the metadata (used by scheduled methods).
+        truncate: write each layer's :meth:`~AdapterLayer.truncated_state` (AdaLoRA: only the
+            rank slots its mask keeps, physically smaller); loading rebuilds those shapes.
 
     Returns:
         The path written.
@@ -65,12 +72,19 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, extra: dict[str, Any
     path = Path(path)
     layers = adapter_layers(model)
     method = model_method(model)
+    if truncate:
+        parts = {n: layer.truncated_state() for n, layer in layers.items()}
+        state = {f"{n}.{k}": v for n, (own, _) in parts.items() for k, v in own.items()}
+        layer_meta = {n: meta for n, (_, meta) in parts.items()}
+    else:
+        state = adapter_state_dict(model)
+        layer_meta = {n: layer.layer_metadata() for n, layer in layers.items()}
     # storage shared between layers (LoRA-drop's shared adapter) is written once per key: clone
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model).items()}
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     metadata = {
         "format": FORMAT,
         "method": json.dumps(method.to_dict()),
-        "layers": json.dumps({n: layer.layer_metadata() for n, layer in layers.items()}),
+        "layers": json.dumps(layer_meta),
         "extra": json.dumps(extra or {}),
     }
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from lightning_lowrank.methods.adalora import AdaLoRA, AdaLoRALayer
 from lightning_lowrank.methods.base import AdapterConfig, AdapterLayer
 from lightning_lowrank.methods.lora import LoRA, LoRALayer
 
 #: every config class, by name, for rebuilding a config from an adapter file's metadata
-CONFIG_TYPES: dict[str, type[AdapterConfig]] = {cls.__name__: cls for cls in (LoRA,)}
+CONFIG_TYPES: dict[str, type[AdapterConfig]] = {cls.__name__: cls for cls in (LoRA, AdaLoRA)}
 
 
 def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
@@ -23,7 +24,16 @@ def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
     return CONFIG_TYPES[name](**data)
 
 
-__all__ = ["AdapterConfig", "AdapterLayer", "CONFIG_TYPES", "LoRA", "LoRALayer", "config_from_dict"]
+__all__ = [
+    "AdaLoRA",
+    "AdaLoRALayer",
+    "AdapterConfig",
+    "AdapterLayer",
+    "CONFIG_TYPES",
+    "LoRA",
+    "LoRALayer",
+    "config_from_dict",
+]
 
 
 def _enable_cli_subclasses() -> None:

@@ -162,6 +162,12 @@ class AdapterLayer(nn.Module):
         """Keyword arguments (JSON-serialisable) needed to rebuild this layer's shapes."""
         return {}
 
+    def truncated_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """The smallest adapter state that gives the same output, with the layer metadata that
+        rebuilds its shapes (``save_adapter(..., truncate=True)``). Methods without prunable
+        parts (all but AdaLoRA) return their full state."""
+        return self.adapter_state_dict(), self.layer_metadata()
+
     # --- generic behaviour ------------------------------------------------------------------
     def adapter_parameter_names(self) -> list[str]:
         return [n for n, _ in self.named_parameters() if not n.startswith("base.")]

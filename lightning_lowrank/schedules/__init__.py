@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from lightning_lowrank.methods.adalora import AdaLoRA
 from lightning_lowrank.methods.base import AdapterConfig
+from lightning_lowrank.schedules.adalora import RankAllocator
 from lightning_lowrank.schedules.base import Schedule
 
 
 def default_schedules(method: AdapterConfig) -> list[Schedule]:
     """Schedules that a method config implies (AdaLoRA's rank allocator runs automatically)."""
+    if isinstance(method, AdaLoRA):
+        return [RankAllocator(method)]
     return []
 
 
-__all__ = ["Schedule", "default_schedules"]
+__all__ = ["RankAllocator", "Schedule", "default_schedules"]

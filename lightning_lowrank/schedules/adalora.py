@@ -1,0 +1,347 @@
+"""AdaLoRA's rank allocator (Zhang et al. 2023, arXiv 2303.10512), as a schedule.
+
+Once per optimizer step ``t`` (``t`` counts the step just taken), for every element ``w`` of every
+P, lambda and Q, from ``w`` and its gradient ``g``:
+
+    I = |w * g|
+    I_bar <- beta1 * I_bar + (1 - beta1) * I                (sensitivity)
+    U_bar <- beta2 * U_bar + (1 - beta2) * |I - I_bar|      (its uncertainty)
+    score = I_bar * U_bar
+
+and the triplet score of rank slot ``i`` of a layer is
+``score(lambda_i) + mean_j score(Q[i, j]) + mean_j score(P[j, i])``.
+
+With ``b0 = init_rank * L`` and ``bT = target_rank * L`` slots over ``L`` layers and ``T`` total
+steps, the budget (total kept slots) is
+
+    b(t) = b0                                                        t <= t_init
+    b(t) = int(bT + (b0 - bT) * (1 - (t - t_init) / (T - t_final - t_init))^3)
+                                                                     t_init < t <= T - t_final
+    b(t) = bT                                                        t > T - t_final
+
+While the budget falls, every ``delta_t`` steps the ``b(t)`` slots with the highest triplet scores
+over all layers (one global threshold) are kept and the others get ``lambda = 0`` (soft masking:
+they keep receiving gradients and may come back at the next masking). At the first step of the
+final phase the pattern is chosen once more, with budget ``bT``, and then fixed: after every later
+step the masked lambdas are zeroed again. Importance EMAs stop updating at ``T - t_final`` as in the
+official code.
+
+The orthogonality regulariser ``gamma * mean over matrices of ||P^T P - I||_F and ||Q Q^T - I||_F``
+is applied by adding its gradient after the gradients are complete (and DDP-synced), before the
+optimizer step, so it acts whatever the user's ``training_step`` returns and is identical on every
+rank (parameters are). The importance then sees the gradient the optimizer used, regulariser
+included, as in the official code where the term is part of the loss.
+
+Deviation from the official code: it masks every slot whose score is ``<=`` the ``(b0 - b)``-th
+smallest, which can keep fewer than ``b`` slots when scores tie; here exactly ``b`` slots are kept
+(a stable sort breaks ties by layer order, the same on every rank).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_lowrank.methods.adalora import AdaLoRA, AdaLoRALayer
+from lightning_lowrank.methods.base import AdapterLayer
+from lightning_lowrank.schedules.base import Schedule
+
+
+def _adalora_layers(layers: dict[str, AdapterLayer]) -> dict[str, AdaLoRALayer]:
+    wrong = [n for n, layer in layers.items() if not isinstance(layer, AdaLoRALayer)]
+    if wrong:
+        raise TypeError(f"the rank allocator needs AdaLoRA layers; these are not: {wrong[:3]}")
+    return layers  # type: ignore[return-value]
+
+
+def _factors(layers: dict[str, AdaLoRALayer]) -> list[tuple[Tensor, bool]]:
+    """``(matrix, rows_orthonormal)`` for every Q (rows) and P (columns) with at least one slot."""
+    mats: list[tuple[Tensor, bool]] = []
+    for layer in layers.values():
+        if layer.rank > 0:
+            mats += [(layer.lora_A, True), (layer.lora_B, False)]
+    return mats
+
+
+def orthogonality_loss(layers: dict[str, AdapterLayer], gamma: float) -> Tensor:
+    """``gamma * mean over matrices of ||Q Q^T - I||_F and ||P^T P - I||_F``, differentiable.
+
+    For plain training loops; inside a Trainer the allocator adds the gradient of this term itself
+    (:func:`add_orthogonality_grad`), so do not add it to the loss there as well.
+    """
+    mats = _factors(_adalora_layers(layers))
+    if not mats:
+        raise ValueError("no AdaLoRA layer has a rank slot: nothing to regularise")
+    terms = []
+    for m, rows in mats:
+        gram = m @ m.T if rows else m.T @ m
+        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        terms.append(torch.linalg.matrix_norm(gram - eye))
+    return gamma * torch.stack(terms).mean()
+
+
+@torch.no_grad()
+def add_orthogonality_grad(layers: dict[str, AdapterLayer], gamma: float) -> None:
+    """Add the gradient of :func:`orthogonality_loss` to the ``.grad`` of every P and Q.
+
+    For ``G = Q Q^T - I`` the gradient of ``||G||_F`` with respect to ``Q`` is ``2 G Q / ||G||_F``
+    (``2 P G / ||G||_F`` with ``G = P^T P - I`` for P); each is scaled by ``gamma / n``, ``n`` the
+    number of matrices. Only ``(r, r)`` Gram matrices are formed.
+    """
+    mats = _factors(_adalora_layers(layers))
+    if not mats or gamma == 0:
+        return
+    coef = 2.0 * gamma / len(mats)
+    for m, rows in mats:
+        if not m.requires_grad:
+            continue
+        gram = m @ m.T if rows else m.T @ m
+        gram.diagonal().sub_(1.0)
+        # a tensor norm, not .item(): no device synchronisation per layer
+        norm = torch.linalg.matrix_norm(gram).clamp_min(torch.finfo(gram.dtype).tiny)
+        grad = gram @ m if rows else m @ gram
+        grad.mul_(coef / norm)
+        if m.grad is None:
+            m.grad = grad
+        else:
+            m.grad.add_(grad)
+
+
+class RankAllocator(Schedule):
+    """AdaLoRA's importance scores, cubic budget and global soft masking. See the module docstring.
+
+    ``LowRankCallback`` adds one automatically when its method is :class:`AdaLoRA`. Without a
+    Trainer call :meth:`setup` once, then per optimizer step :meth:`before_optimizer_step` (after
+    ``backward``) and :meth:`after_optimizer_step` (after ``optimizer.step()``, before
+    ``zero_grad``).
+
+    Args:
+        config: the AdaLoRA config (schedule knobs, ``orth_reg`` and optionally ``total_steps``).
+    """
+
+    def __init__(self, config: AdaLoRA) -> None:
+        self.config = config
+        self.total_steps: int | None = None
+        self.names: list[str] = []
+        self.initial_budget = 0
+        self.target_budget = 0
+        self.step = 0
+        self.num_updates = 0
+        self.fixed = False
+        self.ipt: list[Tensor] = []
+        self.unc: list[Tensor] = []
+        self.history_steps: list[int] = []
+        self.history_ranks: list[list[int]] = []
+        self._layers: dict[str, AdaLoRALayer] = {}
+
+    # --- schedule hooks ---------------------------------------------------------------------
+    def setup(
+        self, model: nn.Module, layers: dict[str, AdapterLayer], total_steps: int | None
+    ) -> None:
+        """Check that the schedule fits the run and record the starting rank pattern.
+
+        Raises:
+            ValueError: ``t_init + t_final >= T`` or ``target_rank > init_rank``.
+        """
+        cfg = self.config
+        self._layers = _adalora_layers(layers)
+        if not self._layers:
+            raise ValueError("the rank allocator got no layers: check target_modules")
+        if cfg.target_rank > cfg.init_rank:
+            raise ValueError(
+                f"AdaLoRA target_rank ({cfg.target_rank}) exceeds init_rank ({cfg.init_rank}): "
+                "lower target_rank or raise init_rank"
+            )
+        self.total_steps = cfg.total_steps if cfg.total_steps is not None else total_steps
+        if self.total_steps is not None:
+            self._check_fits(self.total_steps)
+        self.names = list(self._layers)
+        self.initial_budget = sum(layer.rank for layer in self._layers.values())
+        self.target_budget = min(cfg.target_rank * len(self.names), self.initial_budget)
+        self._record(0)
+
+    def _check_fits(self, total: int) -> None:
+        cfg = self.config
+        if cfg.t_init + cfg.t_final >= total:
+            raise ValueError(
+                f"the AdaLoRA schedule does not fit the run: t_init ({cfg.t_init}) + t_final "
+                f"({cfg.t_final}) must be < total steps ({total}), leaving steps for the budget to "
+                "fall. Lower t_init / t_final, train longer (Trainer max_steps) or set "
+                "AdaLoRA(total_steps=...)"
+            )
+
+    def _total(self) -> int:
+        if self.total_steps is None:
+            raise ValueError(
+                "AdaLoRA needs the run's total optimizer steps: set Trainer(max_steps=...), "
+                "LowRankCallback(total_steps=...) or AdaLoRA(total_steps=...)"
+            )
+        return self.total_steps
+
+    def before_optimizer_step(
+        self, model: nn.Module, layers: dict[str, AdapterLayer], step: int
+    ) -> None:
+        """Add the orthogonality regulariser's gradient (gradients are complete and synced)."""
+        add_orthogonality_grad(layers, self.config.orth_reg)
+
+    def after_optimizer_step(
+        self, model: nn.Module, layers: dict[str, AdapterLayer], step: int
+    ) -> None:
+        """Update the importance EMAs and, when the schedule says so, the masks."""
+        self.update_and_mask(_adalora_layers(layers), step)
+
+    # --- the algorithm ----------------------------------------------------------------------
+    def budget(self, step: int) -> tuple[int, bool]:
+        """``(b(t), whether to mask at step t)``; see the module docstring."""
+        cfg = self.config
+        total = self._total()
+        b0, bT = self.initial_budget, self.target_budget
+        if step <= cfg.t_init:
+            return b0, False
+        if step > total - cfg.t_final:
+            return bT, True
+        fraction = 1.0 - (step - cfg.t_init) / (total - cfg.t_final - cfg.t_init)
+        return int(bT + (b0 - bT) * fraction**3), step % cfg.delta_t == 0
+
+    def update_and_mask(self, layers: dict[str, AdaLoRALayer], step: int) -> None:
+        """One optimizer step of the allocator: EMAs, then masking if the schedule says so."""
+        total = self._total()
+        self.step = step
+        self.num_updates += 1
+        if step < total - self.config.t_final:
+            self.update_importance(layers)
+        budget, mask_now = self.budget(step)
+        if not mask_now:
+            return
+        if step > total - self.config.t_final:
+            if not self.fixed:
+                self.mask_to_budget(layers, budget)
+                self.fixed = True
+                self._record(step)
+            else:
+                # the optimizer moved the masked lambdas: put the fixed pattern back
+                torch._foreach_mul_(
+                    [layers[n].lora_E.data for n in self.names],
+                    [layers[n].rank_mask for n in self.names],
+                )
+            return
+        self.mask_to_budget(layers, budget)
+        self._record(step)
+
+    def _tensors(self, layers: dict[str, AdaLoRALayer]) -> list[Tensor]:
+        return [
+            t for n in self.names for t in (layers[n].lora_A, layers[n].lora_E, layers[n].lora_B)
+        ]
+
+    @torch.no_grad()
+    def update_importance(self, layers: dict[str, AdaLoRALayer]) -> None:
+        """``I = |w * g|``, then the sensitivity and uncertainty EMAs, for every element at once
+        (``torch._foreach_*``: a few fused kernels for all layers instead of a loop of small ones).
+        """
+        params = self._tensors(layers)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        self._ensure_state(params)
+        ipt = torch._foreach_mul([p.detach() for p in params], grads)
+        torch._foreach_abs_(ipt)
+        if ipt[0].dtype != self.ipt[0].dtype:
+            ipt = [t.to(self.ipt[0].dtype) for t in ipt]
+        # lerp_(avg, x, 1 - beta) is beta * avg + (1 - beta) * x
+        torch._foreach_lerp_(self.ipt, ipt, 1.0 - self.config.beta1)
+        torch._foreach_sub_(ipt, self.ipt)
+        torch._foreach_abs_(ipt)
+        torch._foreach_lerp_(self.unc, ipt, 1.0 - self.config.beta2)
+
+    def _ensure_state(self, params: list[Tensor]) -> None:
+        if not self.ipt:
+            # EMAs of low-precision parameters are kept in float32
+            dtype = [torch.promote_types(p.dtype, torch.float32) for p in params]
+            self.ipt = [torch.zeros_like(p, dtype=d) for p, d in zip(params, dtype, strict=True)]
+            self.unc = [torch.zeros_like(p, dtype=d) for p, d in zip(params, dtype, strict=True)]
+        elif self.ipt[0].device != params[0].device:  # restored from a checkpoint on another device
+            self.ipt = [t.to(params[0].device) for t in self.ipt]
+            self.unc = [t.to(params[0].device) for t in self.unc]
+
+    @torch.no_grad()
+    def slot_scores(self) -> list[Tensor]:
+        """The triplet score of every rank slot, one ``(r,)`` tensor per layer (in layer order)."""
+        if not self.ipt:
+            raise RuntimeError("no importance yet: the allocator has not seen a gradient")
+        scores = torch._foreach_mul(self.ipt, self.unc)
+        out = []
+        for i in range(len(self.names)):
+            s_q, s_lambda, s_p = scores[3 * i : 3 * i + 3]
+            out.append(s_lambda + s_q.mean(dim=1) + s_p.mean(dim=0))
+        return out
+
+    @torch.no_grad()
+    def mask_to_budget(self, layers: dict[str, AdaLoRALayer], budget: int) -> None:
+        """Keep the ``budget`` slots with the highest triplet scores over all layers; zero the
+        lambda of every other slot and record the pattern in each layer's ``rank_mask``."""
+        scores = torch.cat(self.slot_scores())
+        keep = torch.zeros_like(scores)
+        if budget > 0:
+            order = torch.argsort(scores, descending=True, stable=True)
+            keep[order[:budget]] = 1.0
+        ranks = [layers[n].rank for n in self.names]
+        for name, mask in zip(self.names, keep.split(ranks), strict=True):
+            layer = layers[name]
+            layer.rank_mask.copy_(mask)
+            layer.lora_E.mul_(layer.rank_mask)
+
+    def _record(self, step: int) -> None:
+        self.history_steps.append(step)
+        self.history_ranks.append([self._layers[n].live_rank() for n in self.names])
+
+    # --- analysis and persistence -----------------------------------------------------------
+    def rank_pattern(self) -> dict[str, int]:
+        """The live rank of every layer now."""
+        return {n: self._layers[n].live_rank() for n in self.names}
+
+    def rank_history(self) -> dict[str, Any]:
+        """``{"layers": names, "steps": [t...], "ranks": [[rank per layer] per recorded step],
+        "step": the last optimizer step seen}``.
+
+        A row is recorded at setup (step 0) and whenever the masks change; the rank between two
+        recorded steps is that of the earlier one.
+        """
+        return {
+            "layers": list(self.names),
+            "step": self.step,
+            "steps": list(self.history_steps),
+            "ranks": [list(r) for r in self.history_ranks],
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "names": list(self.names),
+            "total_steps": self.total_steps,
+            "step": self.step,
+            "num_updates": self.num_updates,
+            "fixed": self.fixed,
+            "ipt": [t.detach().clone() for t in self.ipt],
+            "unc": [t.detach().clone() for t in self.unc],
+            "masks": {n: self._layers[n].rank_mask.detach().clone() for n in self.names},
+            "history_steps": list(self.history_steps),
+            "history_ranks": [list(r) for r in self.history_ranks],
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.names and state["names"] != self.names:
+            raise ValueError(
+                "the checkpoint's AdaLoRA allocator covers other layers than this model: resume "
+                "with the same target_modules"
+            )
+        self.total_steps = state["total_steps"]
+        self.step = state["step"]
+        self.num_updates = state["num_updates"]
+        self.fixed = state["fixed"]
+        self.ipt = list(state["ipt"])
+        self.unc = list(state["unc"])
+        for name, mask in state["masks"].items():
+            if name in self._layers:
+                self._layers[name].rank_mask.copy_(mask)
+        self.history_steps = list(state["history_steps"])
+        self.history_ranks = [list(r) for r in state["history_ranks"]]
