@@ -7,15 +7,26 @@ from lightning_lowrank.inject import (
     find_targets,
     inject,
     merge,
+    set_step,
     trainable_parameter_count,
     unload,
     unmerge,
 )
 from lightning_lowrank.io import adapter_state_dict, load_adapter, read_adapter, save_adapter
-from lightning_lowrank.methods import AdaLoRA, AdapterConfig, AdapterLayer, LoRA
+from lightning_lowrank.methods import (
+    AdaLoRA,
+    AdapterConfig,
+    AdapterLayer,
+    DoRA,
+    LoRA,
+    SingLoRA,
+    SLTrain,
+    VeRA,
+)
 from lightning_lowrank.monitor import AdapterMonitor
 from lightning_lowrank.optim import lora_plus_param_groups, split_optimizer
 from lightning_lowrank.peft import export_peft, import_peft
+from lightning_lowrank.pretrain import sltrain_pretrain
 from lightning_lowrank.schedules import RankAllocator, Schedule
 
 __version__ = "0.1.0"
@@ -25,10 +36,14 @@ __all__ = [
     "AdapterConfig",
     "AdapterLayer",
     "AdapterMonitor",
+    "DoRA",
     "LoRA",
     "LowRankCallback",
     "RankAllocator",
+    "SLTrain",
     "Schedule",
+    "SingLoRA",
+    "VeRA",
     "adapter_layers",
     "adapter_state_dict",
     "export_peft",
@@ -41,6 +56,8 @@ __all__ = [
     "merge",
     "read_adapter",
     "save_adapter",
+    "set_step",
+    "sltrain_pretrain",
     "split_optimizer",
     "trainable_parameter_count",
     "unload",

@@ -192,6 +192,15 @@ def unmerge(model: nn.Module) -> None:
         layer.unmerge()
 
 
+def set_step(model: nn.Module, step: int) -> None:
+    """Tell every adapter layer how many optimizer steps were taken (SingLoRA's ramp ``u(t)``).
+
+    ``LowRankCallback`` does this once per optimizer step; call it yourself in a plain training
+    loop (after each ``optimizer.step()``) or before inference at a chosen point of the ramp."""
+    for layer in _iter_layers(model):
+        layer.set_step(step)
+
+
 def unload(model: nn.Module) -> nn.Module:
     """Merge every adapter and put the plain base layers back. Returns ``model``."""
     for name, layer in list(adapter_layers(model).items()):

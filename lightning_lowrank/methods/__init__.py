@@ -9,10 +9,16 @@ from typing import Any
 
 from lightning_lowrank.methods.adalora import AdaLoRA, AdaLoRALayer
 from lightning_lowrank.methods.base import AdapterConfig, AdapterLayer
+from lightning_lowrank.methods.dora import DoRA, DoRALayer, DoRASingLoRALayer
 from lightning_lowrank.methods.lora import LoRA, LoRALayer
+from lightning_lowrank.methods.singlora import SingLoRA, SingLoRALayer
+from lightning_lowrank.methods.sltrain import SLTrain, SLTrainLayer
+from lightning_lowrank.methods.vera import VeRA, VeRALayer
 
 #: every config class, by name, for rebuilding a config from an adapter file's metadata
-CONFIG_TYPES: dict[str, type[AdapterConfig]] = {cls.__name__: cls for cls in (LoRA, AdaLoRA)}
+CONFIG_TYPES: dict[str, type[AdapterConfig]] = {
+    cls.__name__: cls for cls in (LoRA, AdaLoRA, DoRA, VeRA, SingLoRA, SLTrain)
+}
 
 
 def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
@@ -30,8 +36,17 @@ __all__ = [
     "AdapterConfig",
     "AdapterLayer",
     "CONFIG_TYPES",
+    "DoRA",
+    "DoRALayer",
+    "DoRASingLoRALayer",
     "LoRA",
     "LoRALayer",
+    "SLTrain",
+    "SLTrainLayer",
+    "SingLoRA",
+    "SingLoRALayer",
+    "VeRA",
+    "VeRALayer",
     "config_from_dict",
 ]
 

@@ -1,0 +1,198 @@
+"""DoRA (Liu et al. 2024, arXiv 2402.09353): weight-decomposed low-rank adaptation.
+
+The adapted weight splits into a trainable magnitude and a direction:
+
+    W' = m * V / ||V||_row,    V = W0 + dW,    m: (out,) initialised to ||W0||_row,
+
+where ``dW`` is a low-rank delta: LoRA's ``s * B @ A`` by default, or SingLoRA's
+``s * u(t) * A[:out] @ A[:in].T`` with ``delta="singlora"`` (DoRA's magnitude over a SingLoRA delta).
+The row norm ``||V||`` is a constant in backward (detached), the paper's memory-saving choice.
+
+The forward never builds ``V`` (or any ``(out, in)`` tensor):
+
+    y = (m / ||V||) * (base(x) - bias + dW x) + bias,
+
+and the norm comes from the factors ``dW = c * B @ A`` in ``O(out * in * r)``:
+
+    ||V_i||^2 = ||W0_i||^2 + 2 c B_i . (W0 A^T)_i + c^2 B_i (A A^T) B_i^T.
+
+``merge`` writes ``m * V / ||V||`` into the base weight and keeps the factor ``m / ||V||`` it used,
+so ``unmerge`` restores ``W0`` exactly (to rounding) even if the norm would now differ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_lowrank.methods.base import AdapterConfig, AdapterLayer, Scaling, Side, weight_oi
+from lightning_lowrank.methods.lora import LoRALayer
+from lightning_lowrank.methods.singlora import SingLoRALayer
+
+Delta = Literal["lora", "singlora"]
+
+
+@dataclass
+class DoRA(AdapterConfig):
+    """Weight-decomposed low-rank adaptation: ``W' = m * (W0 + dW) / ||W0 + dW||_row``.
+
+    Args:
+        rank: r, the rank of the low-rank delta.
+        alpha: the numerator of the delta's scale ``s``.
+        dropout: dropout probability on the delta's input (LoRA delta only).
+        scaling: ``"standard"`` (``s = alpha / r``) or ``"rslora"`` (``s = alpha / sqrt(r)``).
+        train_a: ``False`` freezes the LoRA delta's A (LoRA-FA style); B and m train.
+        delta: the low-rank delta under the magnitude: ``"lora"`` (``s * B @ A``) or
+            ``"singlora"`` (``s * u(t) * A[:out] @ A[:in].T``).
+        ramp_steps: SingLoRA's ramp length T in optimizer steps (``delta="singlora"`` only).
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    scaling: Scaling = "standard"
+    train_a: bool = True
+    delta: Delta = "lora"
+    ramp_steps: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.delta not in _DELTA_LAYERS:
+            raise ValueError(f"delta must be one of {sorted(_DELTA_LAYERS)}, got {self.delta!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.delta == "singlora" and (self.dropout > 0 or not self.train_a):
+            raise ValueError(
+                "delta='singlora' has one matrix and no dropout: use dropout=0 and train_a=True"
+            )
+        if self.ramp_steps < 0:
+            raise ValueError(f"ramp_steps must be >= 0, got {self.ramp_steps}")
+        if self.scaling not in ("standard", "rslora"):
+            raise ValueError(f"scaling must be 'standard' or 'rslora', got {self.scaling!r}")
+
+    def build(
+        self, bases: dict[str, nn.Module], layer_meta: dict[str, dict[str, Any]] | None = None
+    ) -> dict[str, AdapterLayer]:
+        layer_meta = layer_meta or {}
+        cls = _DELTA_LAYERS[self.delta]
+        return {name: cls(base, self, **layer_meta.get(name, {})) for name, base in bases.items()}
+
+
+class DoRAMagnitude:
+    """DoRA's magnitude over any low-rank layer that exposes ``low_rank_factors()``.
+
+    Mixed in before the delta's layer class (``class X(DoRAMagnitude, LoRALayer)``): the delta
+    layer keeps its parameters, forward and ramp; this class adds ``magnitude`` and replaces the
+    forward, ``delta_weight``, ``merge`` and ``unmerge``.
+    """
+
+    # provided by the AdapterLayer subclass this is mixed into
+    base: nn.Module
+    kind: str | None
+    merged: bool
+
+    def __init__(self, base: nn.Module, config: DoRA, **layer_kwargs: Any) -> None:
+        super().__init__(base, config, **layer_kwargs)  # type: ignore[call-arg]
+        w0 = weight_oi(base).detach()
+        norm = torch.linalg.vector_norm(w0, dim=1, dtype=_compute_dtype(w0.dtype))
+        self.magnitude = nn.Parameter(norm.to(w0.dtype))
+        self.register_buffer("merge_factor", None, persistent=False)
+
+    @torch.no_grad()
+    def weight_norm(self) -> Tensor:
+        """``||W0 + dW||_row`` from the factors of ``dW = c * B @ A``, detached (paper, Sec. 4.3).
+
+        Only ``(out, r)`` and ``(r, r)`` intermediates: ``W0 A^T`` and ``A A^T``."""
+        b, a, c = self.low_rank_factors()  # type: ignore[attr-defined]
+        w0 = weight_oi(self.base)
+        dtype = _compute_dtype(a.dtype)
+        # cast the (r, in) factor to the base's dtype rather than W0 to the factor's: no copy of W0
+        w0_at = (w0 @ a.to(w0.dtype).t()).to(dtype)  # (out, r)
+        b, a = b.to(dtype), a.to(dtype)
+        c = c.to(dtype) if isinstance(c, Tensor) else c
+        cross = (b * w0_at).sum(dim=1)
+        quad = ((b @ (a @ a.t())) * b).sum(dim=1)
+        w0_sq = torch.linalg.vector_norm(w0, dim=1, dtype=dtype).square()
+        return (w0_sq + 2 * c * cross + c * c * quad).clamp_min(0).sqrt()
+
+    def _bias(self) -> Tensor | None:
+        return None if self.kind == "embedding" else getattr(self.base, "bias", None)
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        out = self.base(x, *args, **kwargs)
+        if self.merged:
+            return out
+        factor = (self.magnitude / self.weight_norm().to(self.magnitude.dtype)).to(out.dtype)
+        delta = super().adapter_forward(x).to(out.dtype)  # type: ignore[misc]
+        bias = self._bias()
+        if bias is None:
+            return factor * (out + delta)
+        return factor * (out - bias + delta) + bias
+
+    def adapter_forward(self, x: Tensor) -> Tensor:
+        """The full additive contribution ``W' x - W0 x`` (runs the base again: analysis only)."""
+        base_out = self.base(x)
+        return self.forward(x) - base_out
+
+    def _dense_factor(self, v: Tensor) -> Tensor:
+        norm = torch.linalg.vector_norm(v, dim=1, dtype=_compute_dtype(v.dtype))
+        return self.magnitude.to(norm.dtype) / norm
+
+    def delta_weight(self) -> Tensor:
+        """The dense effective update ``m * V / ||V|| - W0`` (merge and analysis only)."""
+        low = super().delta_weight()  # type: ignore[misc]
+        w = weight_oi(self.base)
+        w0 = w / self.merge_factor.to(w.dtype)[:, None] - low.to(w.dtype) if self.merged else w
+        v = w0 + low.to(w.dtype)
+        return (self._dense_factor(v).to(w.dtype)[:, None] * v - w0).to(low.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        w = weight_oi(self.base)
+        v = w + super().delta_weight().to(w.dtype)  # type: ignore[misc]
+        factor = self._dense_factor(v)
+        merged = factor.to(w.dtype)[:, None] * v
+        if not torch.isfinite(merged).all():
+            raise ValueError("refusing to merge: the DoRA weight has non-finite values")
+        w.copy_(merged)
+        self.merge_factor = factor.to(w.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        w = weight_oi(self.base)
+        low = super().delta_weight().to(w.dtype)  # type: ignore[misc]
+        w.copy_(w / self.merge_factor[:, None] - low)
+        self.merge_factor = None
+        self.merged = False
+
+    def param_sides(self) -> dict[str, Side]:
+        # LoRA+ (official code): every trainable 1-D tensor, the magnitude included, is B-side
+        return {**super().param_sides(), "magnitude": "B"}  # type: ignore[misc]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """At least float32 for norms: half-precision sums of squares overflow or lose digits."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class DoRALayer(DoRAMagnitude, LoRALayer):
+    """DoRA over a LoRA delta ``s * B @ A``. See :class:`DoRA`."""
+
+    def low_rank_factors(self) -> tuple[Tensor, Tensor, Tensor | float]:
+        return self.lora_B, self.lora_A, self.scale
+
+
+class DoRASingLoRALayer(DoRAMagnitude, SingLoRALayer):
+    """DoRA over a SingLoRA delta ``s * u(t) * A[:out] @ A[:in].T``. See :class:`DoRA`."""
+
+
+_DELTA_LAYERS: dict[str, type[AdapterLayer]] = {"lora": DoRALayer, "singlora": DoRASingLoRALayer}
+
+DoRA.layer_cls = DoRALayer
