@@ -1,0 +1,149 @@
+"""Shared pieces of the benchmarks: the model, the batch, the adapted layers and the step functions.
+
+The setting is fixed by the issue: all-MiniLM-L6-v2 as a 5-way sequence classifier, a batch of 16
+sequences of 64 tokens, AdamW, CPU. The batch holds random token ids with a full attention mask:
+the cost of a step does not depend on the words. Every adapter (this library's and PEFT's) goes on
+the same 36 layers: query, key, value and the three dense layers of each of the 6 encoder blocks
+(the pooler and the classifier head stay frozen, as does everything else).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+#: the adapted layers, as one regular expression understood by both libraries (full match)
+TARGET = r".*encoder\.layer\.\d+\..*(query|key|value|dense)"
+BATCH, SEQ, NUM_LABELS = 16, 64, 5
+LR = 1e-4
+
+
+def load_base() -> nn.Module:
+    """MiniLM as a 5-way classifier, everything frozen (adapters unfreeze their own parameters)."""
+    from lightning_lowrank.demos import load_minilm_classifier
+
+    model, _ = load_minilm_classifier(NUM_LABELS, seed=0)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def make_batch(seed: int = 0) -> dict[str, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "input_ids": torch.randint(1000, 30000, (BATCH, SEQ), generator=g),
+        "attention_mask": torch.ones(BATCH, SEQ, dtype=torch.long),
+        "labels": torch.randint(0, NUM_LABELS, (BATCH,), generator=g),
+    }
+
+
+def loss_of(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    # labels go through the model so that PEFT adds what it adds to `.loss` (AdaLoRA's
+    # orthogonality term); for this library the loss is the same cross entropy
+    return model(**batch).loss
+
+
+@dataclass
+class Runner:
+    """One benchmarked variant: a model and a function doing one training step on it."""
+
+    name: str
+    model: nn.Module
+    step: Callable[[], None]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def adamw(model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    # foreach is torch's default on CPU too; fixed here so both libraries get the same kernel
+    return torch.optim.AdamW(params, lr=LR, weight_decay=0.01, foreach=True)
+
+
+def training_step_fn(
+    model: nn.Module,
+    batch: dict[str, Tensor],
+    before_step: Callable[[int], None] | None = None,
+    after_step: Callable[[int], None] | None = None,
+) -> Callable[[], None]:
+    """A closure doing forward, backward, (hooks,) AdamW step and zero_grad on ``batch``."""
+    opt = adamw(model)
+    counter = [0]
+
+    def step() -> None:
+        loss = loss_of(model, batch)
+        loss.backward()
+        if before_step is not None:
+            before_step(counter[0])
+        opt.step()
+        counter[0] += 1
+        if after_step is not None:
+            after_step(counter[0])
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def floor_step_fn(model: nn.Module, batch: dict[str, Tensor]) -> Callable[[], None]:
+    """The floor: the frozen model, forward and backward with the gradient flowing to the output
+    of the embedding layer (so through every encoder block, as it must for any adapter), no
+    parameter gradients and no optimizer. No adapter can be cheaper than this."""
+    emb = model.bert.embeddings
+
+    def _needs_grad(_module: nn.Module, _inputs: Any, out: Tensor) -> Tensor:
+        return out.detach().requires_grad_(True)
+
+    emb.register_forward_hook(_needs_grad)
+
+    def step() -> None:
+        loss_of(model, batch).backward()
+
+    return step
+
+
+def fresh_copy(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)
+
+
+def time_interleaved(
+    runners: list[Runner],
+    reps: int,
+    steps: int,
+    warmup: int = 1,
+    log: Callable[[str], None] = print,
+) -> dict[str, list[float]]:
+    """Seconds per step of every runner, ``reps`` rounds of ``steps`` steps each.
+
+    Each round runs every runner once, in an order rotated by the round number, so slow phases of a
+    shared machine hit all runners alike. Returns the per-step times of each round.
+    """
+    for r in runners:
+        for _ in range(warmup):
+            r.step()
+    times: dict[str, list[float]] = {r.name: [] for r in runners}
+    for rep in range(reps):
+        shift = rep % len(runners)
+        order = runners[shift:] + runners[:shift]
+        for r in order:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                r.step()
+            times[r.name].append((time.perf_counter() - t0) / steps)
+        log(
+            f"  round {rep + 1}/{reps}: " + ", ".join(f"{n} {t[-1]:.3f}s" for n, t in times.items())
+        )
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
