@@ -88,25 +88,37 @@ def add_orthogonality_grad(layers: dict[str, AdapterLayer], gamma: float) -> Non
 
     For ``G = Q Q^T - I`` the gradient of ``||G||_F`` with respect to ``Q`` is ``2 G Q / ||G||_F``
     (``2 P G / ||G||_F`` with ``G = P^T P - I`` for P); each is scaled by ``gamma / n``, ``n`` the
-    number of matrices. Only ``(r, r)`` Gram matrices are formed.
+    number of matrices. Only ``(r, r)`` Gram matrices are formed, and matrices of equal shape are
+    handled together in batched matmuls (a handful of kernels for a whole model).
     """
     mats = _factors(_adalora_layers(layers))
     if not mats or gamma == 0:
         return
     coef = 2.0 * gamma / len(mats)
+    groups: dict[tuple, list[Tensor]] = {}
     for m, rows in mats:
-        if not m.requires_grad:
-            continue
-        gram = m @ m.T if rows else m.T @ m
-        gram.diagonal().sub_(1.0)
-        # a tensor norm, not .item(): no device synchronisation per layer
+        if m.requires_grad:
+            groups.setdefault((tuple(m.shape), rows, m.dtype, m.device), []).append(m)
+    for (_, rows, _, _), members in groups.items():
+        stacked = torch.stack([m.detach() for m in members])
+        # P (out, r) is handled as P^T (r, out): then both are "rows" of shape (k, r, d)
+        x = stacked if rows else stacked.transpose(1, 2)
+        gram = torch.bmm(x, x.transpose(1, 2))
+        gram.diagonal(dim1=1, dim2=2).sub_(1.0)
+        # a tensor norm, not .item(): no device synchronisation
         norm = torch.linalg.matrix_norm(gram).clamp_min(torch.finfo(gram.dtype).tiny)
-        grad = gram @ m if rows else m @ gram
-        grad.mul_(coef / norm)
-        if m.grad is None:
-            m.grad = grad
-        else:
-            m.grad.add_(grad)
+        grad = torch.bmm(gram, x).mul_((coef / norm)[:, None, None])
+        if not rows:
+            grad = grad.transpose(1, 2)  # (G P^T)^T = P G, G being symmetric
+        existing, additions = [], []
+        for m, g in zip(members, grad.unbind(0), strict=True):
+            if m.grad is None:
+                m.grad = g.clone(memory_format=torch.contiguous_format)
+            else:
+                existing.append(m.grad)
+                additions.append(g)
+        if existing:
+            torch._foreach_add_(existing, additions)
 
 
 class RankAllocator(Schedule):
