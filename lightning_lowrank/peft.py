@@ -44,8 +44,13 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lightning_lowrank.inject import adapter_layers, attach, build_layers
-from lightning_lowrank.methods.base import AdapterLayer, layer_kind, layer_shape
+from lightning_lowrank.methods.adalora import AdaLoRALayer
+from lightning_lowrank.methods.base import AdapterLayer, layer_kind, layer_shape, scale_factor
+from lightning_lowrank.methods.dora import DoRA, DoRALayer, DoRASingLoRALayer
 from lightning_lowrank.methods.lora import LoRA, LoRALayer
+from lightning_lowrank.methods.singlora import SingLoRALayer
+from lightning_lowrank.methods.sltrain import SLTrainLayer
+from lightning_lowrank.methods.vera import VeRALayer
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -153,33 +158,110 @@ def _has_module(model: nn.Module, name: str) -> bool:
 
 # --- export --------------------------------------------------------------------------------------
 
-#: per layer class, the function giving its exact PEFT LoRA form (``None``: nothing to write, the
-#: layer's update is zero). Methods without an exact form raise :class:`PeftExportError` in theirs.
-_EXPORTERS: list[tuple[type, Callable[[str, AdapterLayer], PeftLayer | None]]] = []
+
+def _pair(
+    b: Tensor, a: Tensor, c: Tensor | float, alpha: float, rslora: bool, kind: str | None
+) -> PeftLayer:
+    """PEFT's pair for ``dW = c * b @ a`` under PEFT's scale for ``alpha`` and ``r = a.shape[0]``:
+    ``c`` differs from that scale (a ramp, a fixed AdaLoRA scale) only by a factor folded into A."""
+    s_peft = scale_factor(alpha, a.shape[0], "rslora" if rslora else "standard")
+    c = float(c)
+    if c != s_peft:
+        a = a * (c / s_peft)
+    return PeftLayer(kind=kind or "linear", lora_A=a, lora_B=b, alpha=alpha, rslora=rslora)
 
 
-def _lora_form(name: str, layer: AdapterLayer) -> PeftLayer:
-    # LoRA, rsLoRA and LoRA-FA (a frozen A is still a plain pair in PEFT) map one to one
-    assert isinstance(layer, LoRALayer)
-    return PeftLayer(
-        kind=layer.kind or "linear",
-        lora_A=layer.lora_A,
-        lora_B=layer.lora_B,
-        alpha=layer.alpha,
-        rslora=layer.config.scaling == "rslora",
+def _lora_form(layer: LoRALayer) -> PeftLayer:
+    # LoRA, rsLoRA, LoRA-FA (a frozen A is still a plain pair) and LoRA-drop (each sharing layer
+    # writes its own copy of the shared pair) map one to one
+    return _pair(
+        layer.lora_B,
+        layer.lora_A,
+        layer.scale,
+        layer.alpha,
+        layer.config.scaling == "rslora",
+        layer.kind,
     )
 
 
+def _singlora_form(layer: SingLoRALayer) -> PeftLayer:
+    # dW = s u(t) A[:out] A[:in]^T is the pair B = A[:out], A' = u(t) A[:in]^T: exact on square and
+    # non-square layers alike, the ramp's current value folded into A'
+    b, a, c = layer.low_rank_factors()
+    cfg = layer.config
+    return _pair(b, a, c, cfg.alpha, cfg.scaling == "rslora", layer.kind)
+
+
+def _adalora_form(layer: AdaLoRALayer) -> PeftLayer | None:
+    # dW = s P diag(lambda) Q over the slots in use: the kept slots, and any slot whose lambda is
+    # non-zero (so the export is exact mid-schedule too). lambda goes into A; the scale stays
+    # s = alpha / r_init through a per-layer alpha = s * r_kept
+    keep = (layer.rank_mask != 0) | (layer.lora_E != 0)
+    k = int(keep.sum())
+    if k == 0:
+        return None
+    a = layer.lora_E[keep, None] * layer.lora_A[keep]
+    return _pair(layer.lora_B[:, keep], a, layer.scale, layer.scale * k, False, layer.kind)
+
+
+def _vera_form(layer: VeRALayer) -> PeftLayer:
+    # dW = diag(b) B diag(d) A is the pair (diag(b) B[:out], diag(d) A[:, :in]) at VeRA's rank with
+    # scale 1 (alpha = r): exact, though the file holds dense factors, not just b and d
+    b, a = layer.factors()
+    r = a.shape[0]
+    return _pair(
+        layer.vera_lambda_b[:, None] * b,
+        layer.vera_lambda_d[:, None] * a,
+        1.0,
+        float(r),
+        False,
+        layer.kind,
+    )
+
+
+def _dora_form(layer: DoRALayer | DoRASingLoRALayer) -> PeftLayer:
+    # PEFT's DoRA is m * (W0 + dW) / ||W0 + dW||_row over a LoRA pair, as here; SingLoRA's delta
+    # under the magnitude is a pair too
+    if isinstance(layer, DoRASingLoRALayer):
+        form = _singlora_form(layer)
+    else:
+        form = _lora_form(layer)
+    form.magnitude = layer.magnitude
+    return form
+
+
 def _peft_form(name: str, layer: AdapterLayer) -> PeftLayer | None:
-    # most specific class first: a subclass of LoRALayer must not be exported as plain LoRA
-    for cls, fn in _EXPORTERS:
-        if type(layer) is cls:
-            return fn(name, layer)
-    if type(layer) is LoRALayer:
-        return _lora_form(name, layer)
+    """The exact PEFT LoRA form of one layer; ``None`` when its update is zero by construction
+    (a LoRA-drop dropped layer, an AdaLoRA layer with every slot pruned)."""
+    if getattr(layer, "extension", None) is not None:
+        raise PeftExportError(
+            f"layer {name!r} carries a {type(layer.extension).__name__} extension (Delta-LoRA): "
+            "it changes the base weight itself, which a PEFT adapter cannot carry. Call "
+            "unload(model) and save the merged model (save_pretrained) instead"
+        )
+    if getattr(layer, "dropped", False):
+        return None
+    # exact classes, most specific first: a subclass must never pass as its parent
+    kind = type(layer)
+    if kind in (DoRALayer, DoRASingLoRALayer):
+        return _dora_form(layer)
+    if kind is LoRALayer:
+        return _lora_form(layer)
+    if kind is SingLoRALayer:
+        return _singlora_form(layer)
+    if kind is AdaLoRALayer:
+        return _adalora_form(layer)
+    if kind is VeRALayer:
+        return _vera_form(layer)
+    if kind is SLTrainLayer:
+        raise PeftExportError(
+            f"layer {name!r} is SLTrain: its sparse part S is a full-rank update that PEFT's LoRA "
+            "format cannot hold. Call unload(model) and save the merged model (save_pretrained) "
+            "instead"
+        )
     raise PeftExportError(
         f"layer {name!r} uses {type(layer).__name__}, which has no PEFT LoRA form: call "
-        "unload(model) and save the merged model with save_pretrained instead"
+        "unload(model) and save the merged model (save_pretrained) instead"
     )
 
 
@@ -252,7 +334,8 @@ def peft_adapter(
         raise ValueError("the model has no adapters: call inject(model, method, ...) first")
     adapted = list(layers)
     root = _export_root(model, adapted, root)
-    forms = {_relative(n, root): _peft_form(n, layer) for n, layer in layers.items()}
+    with torch.no_grad():
+        forms = {_relative(n, root): _peft_form(n, layer) for n, layer in layers.items()}
     forms = {n: f for n, f in forms.items() if f is not None}
     if not forms:
         raise PeftExportError(
@@ -498,7 +581,8 @@ def _plan(
         if not _has_module(model, name):
             raise ValueError(
                 f"{directory} adapts {module!r}, which this model lacks (looked under "
-                f"root={root!r}): load it into the base model the adapter was trained on"
+                f"root={root!r}): load it into the base model the adapter was trained on, or pass "
+                "root=<submodule> if it was trained on a part of this model (e.g. its backbone)"
             )
         base = model.get_submodule(name)
         kind = layer_kind(base)
@@ -570,20 +654,14 @@ def _plan(
     return root, planned, extra
 
 
-def _method(config: dict[str, Any]) -> Any:
+def _method(config: dict[str, Any]) -> LoRA | DoRA:
     kwargs = {
         "rank": int(config["r"]),
         "alpha": float(config["lora_alpha"]),
         "dropout": float(config.get("lora_dropout", 0.0) or 0.0),
         "scaling": "rslora" if config.get("use_rslora", False) else "standard",
     }
-    if config.get("use_dora", False):
-        try:
-            from lightning_lowrank.methods.dora import DoRA
-        except ImportError as err:
-            raise ValueError("DoRA adapters cannot be imported: DoRA is not available") from err
-        return DoRA(**kwargs)
-    return LoRA(**kwargs)
+    return DoRA(**kwargs) if config.get("use_dora", False) else LoRA(**kwargs)
 
 
 def import_peft(
@@ -625,7 +703,7 @@ def import_peft(
     }
     exact = "|".join(re.escape(n) for n in planned)
     layers = build_layers(model, method, exact, layer_meta=layer_meta)
-    names = {"A": "lora_A", "B": "lora_B", "m": _magnitude_name(layers)}
+    names = {"A": "lora_A", "B": "lora_B", "m": "magnitude"}
     for name, p in planned.items():
         own = layers[name].adapter_state_dict()
         for part, value in p.tensors.items():
@@ -645,11 +723,3 @@ def import_peft(
         for param in model.get_submodule(owner).parameters():
             param.requires_grad_(True)
     return list(layers)
-
-
-def _magnitude_name(layers: dict[str, AdapterLayer]) -> str:
-    for layer in layers.values():
-        for key in layer.adapter_state_dict():
-            if "magnitude" in key:
-                return key
-    return "magnitude"
