@@ -27,7 +27,7 @@ from lightning_lowrank.monitor import AdapterMonitor
 from lightning_lowrank.optim import lora_plus_param_groups, split_optimizer
 from lightning_lowrank.peft import export_peft, import_peft
 from lightning_lowrank.pretrain import sltrain_pretrain
-from lightning_lowrank.schedules import RankAllocator, Schedule
+from lightning_lowrank.schedules import LoRADrop, RankAllocator, Schedule
 
 __version__ = "0.1.0"
 
@@ -38,6 +38,7 @@ __all__ = [
     "AdapterMonitor",
     "DoRA",
     "LoRA",
+    "LoRADrop",
     "LowRankCallback",
     "RankAllocator",
     "SLTrain",

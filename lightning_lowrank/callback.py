@@ -15,6 +15,7 @@ The callback is a thin Lightning layer over ``inject``, ``optim`` and ``schedule
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -146,6 +147,11 @@ class LowRankCallback(Callback):
         self._last_step = trainer.global_step
         for layer in self.layers.values():
             layer.set_step(trainer.global_step)
+        steps_per_epoch = _steps_per_epoch(trainer)
+        for schedule in self.schedules:
+            schedule.train_start(
+                pl_module, self.layers, trainer.global_step, steps_per_epoch, trainer.optimizers
+            )
 
     # --- per optimizer step -----------------------------------------------------------------
     @override
@@ -242,6 +248,13 @@ def _owning_layer(name: str, layers: dict[str, AdapterLayer]) -> str | None:
         if name.startswith(layer_name + "."):
             return layer_name
     return None
+
+
+def _steps_per_epoch(trainer: pl.Trainer) -> int | None:
+    batches = trainer.num_training_batches
+    if batches == float("inf") or batches <= 0:
+        return None
+    return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
 
 
 def _estimated_steps(trainer: pl.Trainer) -> int | None:

@@ -210,11 +210,23 @@ def unload(model: nn.Module) -> nn.Module:
 
 
 def trainable_parameter_count(model: nn.Module) -> int:
-    """Number of parameters that require a gradient (shared tensors counted once)."""
-    seen: set[int] = set()
+    """Number of parameters that require a gradient. Shared tensors are counted once, also
+    distinct parameters tied to one storage (LoRA-drop's shared adapter while training), and the
+    adapters LoRA-drop switched off (``layer.dropped``) are not counted."""
+    off = {
+        id(p)
+        for layer in adapter_layers(model).values()
+        if getattr(layer, "dropped", False)
+        for p in layer.parameters()
+    }
+    seen: set[object] = set()
     total = 0
     for p in model.parameters():
-        if p.requires_grad and id(p) not in seen:
-            seen.add(id(p))
+        if not p.requires_grad or id(p) in off:
+            continue
+        ptr = p.data_ptr()
+        key = (ptr, p.storage_offset(), tuple(p.shape), p.stride()) if ptr else id(p)
+        if key not in seen:
+            seen.add(key)
             total += p.numel()
     return total

@@ -27,6 +27,13 @@ from torch import Tensor, nn
 from lightning_lowrank.inject import adapter_layers, attach, build_layers
 from lightning_lowrank.methods import config_from_dict
 from lightning_lowrank.methods.base import AdapterConfig, AdapterLayer
+from lightning_lowrank.sharing import (
+    mark_shared,
+    shared_map,
+    stored_layers,
+    stored_state,
+    tie_shared,
+)
 
 FORMAT = "lightning_lowrank.adapter.v1"
 
@@ -70,7 +77,7 @@ def save_adapter(
         The path written.
     """
     path = Path(path)
-    layers = adapter_layers(model)
+    layers = stored_layers(adapter_layers(model))  # LoRA-drop's dropped layers are left out
     method = model_method(model)
     if truncate:
         parts = {n: layer.truncated_state() for n, layer in layers.items()}
@@ -79,6 +86,7 @@ def save_adapter(
     else:
         state = adapter_state_dict(model)
         layer_meta = {n: layer.layer_metadata() for n, layer in layers.items()}
+    state = stored_state(state, layers)  # a shared adapter is stored once, under its host
     # storage shared between layers (LoRA-drop's shared adapter) is written once per key: clone
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     metadata = {
@@ -86,6 +94,7 @@ def save_adapter(
         "method": json.dumps(method.to_dict()),
         "layers": json.dumps(layer_meta),
         "extra": json.dumps(extra or {}),
+        "shared": json.dumps(shared_map(layers)),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -125,6 +134,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, 
             "method": json.loads(raw["method"]),
             "layers": json.loads(raw["layers"]),
             "extra": json.loads(raw.get("extra", "{}")),
+            "shared": json.loads(raw.get("shared", "{}")),
         }
     except (KeyError, json.JSONDecodeError) as err:
         raise ValueError(f"{path} has corrupt adapter metadata ({err})") from err
@@ -167,14 +177,22 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
     tensors, meta = read_adapter(path)
     method = config_from_dict(meta["method"])
     layer_meta: dict[str, dict[str, Any]] = meta["layers"]
-    existing = adapter_layers(model)
+    existing = stored_layers(adapter_layers(model))
     if existing:
         if sorted(existing) != sorted(layer_meta):
             raise ValueError(
                 f"adapter file {path} adapts {len(layer_meta)} layers but the model has adapters on "
                 f"{len(existing)} different ones: call unload(model) or load into a fresh model"
             )
-        _check_state(adapter_state_dict(model), tensors, path)
+        if shared_map(existing) != meta["shared"]:
+            raise ValueError(
+                f"adapter file {path} shares adapters between layers differently from this model "
+                "(LoRA-drop): load it into a fresh model"
+            )
+        expected = {
+            f"{n}.{k}": v for n, layer in existing.items() for k, v in layer.adapter_state_dict().items()
+        }
+        _check_state(stored_state(expected, existing), tensors, path)
         layers = existing
     else:
         missing = [n for n in layer_meta if not _has_submodule(model, n)]
@@ -187,9 +205,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
         layers = build_layers(model, method, exact, layer_meta=layer_meta)
         if sorted(layers) != sorted(layer_meta):
             raise ValueError(f"adapter file {path} does not match this model's module names")
+        mark_shared(layers, meta["shared"], path)
         expected = {f"{n}.{k}": v for n, layer in layers.items() for k, v in layer.adapter_state_dict().items()}
-        _check_state(expected, tensors, path)
+        _check_state(stored_state(expected, layers), tensors, path)
         attach(model, layers)
+        tie_shared(layers)
     _copy_into(layers, tensors)
     return list(layers)
 

@@ -138,6 +138,10 @@ class AdapterLayer(nn.Module):
         self.config = config
         self.out_features, self.in_features = layer_shape(base)
         self.merged = False
+        #: set by LoRA-drop: the name of the layer whose adapter parameters this one uses
+        self.shared_with: str | None = None
+        #: set by LoRA-drop's plain variant: the adapter adds nothing and adapter files omit it
+        self.dropped = False
 
     # --- protocol ---------------------------------------------------------------------------
     def adapter_forward(self, x: Tensor) -> Tensor:

@@ -7,9 +7,11 @@ number of optimizer steps taken so far. Nothing here imports Lightning.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
+from torch.optim import Optimizer
 
 from lightning_lowrank.methods.base import AdapterLayer
 
@@ -25,6 +27,17 @@ class Schedule:
         self, model: nn.Module, layers: dict[str, AdapterLayer], total_steps: int | None
     ) -> None:
         """Called once after injection, before the strategy wraps the model."""
+
+    def train_start(
+        self,
+        model: nn.Module,
+        layers: dict[str, AdapterLayer],
+        step: int,
+        steps_per_epoch: int | None = None,
+        optimizers: Sequence[Optimizer] = (),
+    ) -> None:
+        """Called when training starts, after any checkpoint was restored: the optimizers exist
+        and ``steps_per_epoch`` (optimizer steps, None if unknown) is known."""
 
     def before_optimizer_step(
         self, model: nn.Module, layers: dict[str, AdapterLayer], step: int
