@@ -86,7 +86,8 @@ def test_dora_over_singlora_parameter_count_and_sides():
     ids=["lora", "dora", "dora-singlora", "singlora", "sltrain"],
 )
 def test_rslora_scale_is_alpha_over_sqrt_rank(make):
-    deltas = {}
+    x = torch.randn(3, 6, dtype=torch.float64)
+    outputs = {}
     for scaling in ("standard", "rslora"):
         torch.manual_seed(0)
         layer = make(scaling).build({"l": nn.Linear(6, 6).double()})["l"]
@@ -94,13 +95,10 @@ def test_rslora_scale_is_alpha_over_sqrt_rank(make):
             for name, p in layer.named_parameters():
                 if name.startswith("lora_"):
                     p.copy_(torch.linspace(-1, 1, p.numel(), dtype=p.dtype).view_as(p))
-        low = getattr(layer, "low_rank_factors", None)
-        b, a, c = low()
-        deltas[scaling] = (float(c), b.detach() @ a.detach())
-    (c_std, d_std), (c_rs, d_rs) = deltas["standard"], deltas["rslora"]
-    torch.testing.assert_close(d_std, d_rs)
-    assert c_std == pytest.approx(8.0 / 4)
-    assert c_rs == pytest.approx(8.0 / math.sqrt(4))
+        assert layer.scale == pytest.approx(8.0 / (4 if scaling == "standard" else math.sqrt(4)))
+        outputs[scaling] = layer.adapter_forward(x) if not hasattr(layer, "magnitude") else None
+    if outputs["standard"] is not None:  # the additive delta doubles: (8 / 2) / (8 / 4)
+        torch.testing.assert_close(outputs["rslora"], 2 * outputs["standard"])
 
 
 # --- LoRA-FA style frozen A -------------------------------------------------------------------
@@ -219,3 +217,17 @@ def test_config_from_lightning_cli_yaml(config, tmp_path, monkeypatch):
     callbacks = [c for c in cli.trainer.callbacks if isinstance(c, LowRankCallback)]
     assert len(callbacks) == 1
     assert callbacks[0].method == config
+
+
+def test_low_rank_factors_only_where_the_whole_update_is_low_rank():
+    """Callers (Delta-LoRA, PEFT export) read ``c * B @ A`` as the layer's whole update."""
+    torch.manual_seed(3)
+    base = nn.Linear(5, 7).double()
+    sing = SingLoRA(rank=2, ramp_steps=4).build({"l": base})["l"]
+    sing.set_step(3)
+    with torch.no_grad():
+        sing.lora_A.normal_()
+    b, a, c = sing.low_rank_factors()
+    torch.testing.assert_close(c * b @ a, sing.delta_weight())
+    assert DoRA(rank=2).build({"l": nn.Linear(5, 7)})["l"].low_rank_factors() is None
+    assert SLTrain(rank=2).build({"l": nn.Linear(5, 7)})["l"].low_rank_factors() is None

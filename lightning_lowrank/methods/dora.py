@@ -81,7 +81,7 @@ class DoRA(AdapterConfig):
 
 
 class DoRAMagnitude:
-    """DoRA's magnitude over any low-rank layer that exposes ``low_rank_factors()``.
+    """DoRA's magnitude over any low-rank layer whose delta factors as ``c * B @ A``.
 
     Mixed in before the delta's layer class (``class X(DoRAMagnitude, LoRALayer)``): the delta
     layer keeps its parameters, forward and ramp; this class adds ``magnitude`` and replaces the
@@ -100,12 +100,21 @@ class DoRAMagnitude:
         self.magnitude = nn.Parameter(norm.to(w0.dtype))
         self.register_buffer("merge_factor", None, persistent=False)
 
+    def delta_factors(self) -> tuple[Tensor, Tensor, Tensor | float]:
+        """``(B, A, c)`` of the low-rank delta under the magnitude: ``dW = c * B @ A``."""
+        raise NotImplementedError
+
+    def low_rank_factors(self) -> None:
+        """None: DoRA's update ``m * V / ||V|| - W0`` is not a low-rank product (the delta under
+        the magnitude is, see :meth:`delta_factors`)."""
+        return None
+
     @torch.no_grad()
     def weight_norm(self) -> Tensor:
         """``||W0 + dW||_row`` from the factors of ``dW = c * B @ A``, detached (paper, Sec. 4.3).
 
         Only ``(out, r)`` and ``(r, r)`` intermediates: ``W0 A^T`` and ``A A^T``."""
-        b, a, c = self.low_rank_factors()  # type: ignore[attr-defined]
+        b, a, c = self.delta_factors()
         w0 = weight_oi(self.base)
         dtype = _compute_dtype(a.dtype)
         # cast the (r, in) factor to the base's dtype rather than W0 to the factor's: no copy of W0
@@ -121,6 +130,11 @@ class DoRAMagnitude:
         return None if self.kind == "embedding" else getattr(self.base, "bias", None)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if getattr(self, "extension", None) is not None:
+            raise NotImplementedError(
+                "DoRA does not combine with layer extensions (Delta-LoRA changes W0 under the "
+                "norm): use LoRA or SingLoRA with Delta-LoRA"
+            )
         out = self.base(x, *args, **kwargs)
         if self.merged:
             return out
@@ -185,12 +199,15 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 class DoRALayer(DoRAMagnitude, LoRALayer):
     """DoRA over a LoRA delta ``s * B @ A``. See :class:`DoRA`."""
 
-    def low_rank_factors(self) -> tuple[Tensor, Tensor, Tensor | float]:
+    def delta_factors(self) -> tuple[Tensor, Tensor, Tensor | float]:
         return self.lora_B, self.lora_A, self.scale
 
 
 class DoRASingLoRALayer(DoRAMagnitude, SingLoRALayer):
     """DoRA over a SingLoRA delta ``s * u(t) * A[:out] @ A[:in].T``. See :class:`DoRA`."""
+
+    def delta_factors(self) -> tuple[Tensor, Tensor, Tensor | float]:
+        return self._factors()
 
 
 _DELTA_LAYERS: dict[str, type[AdapterLayer]] = {"lora": DoRALayer, "singlora": DoRASingLoRALayer}

@@ -95,18 +95,22 @@ class SingLoRALayer(AdapterLayer):
     def low_rank_factors(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(B, A, c)`` with ``dW = c * B @ A``: here ``B = A[:out]``, ``A = A[:in].T`` and
         ``c = s * u(t)`` (0-dim tensor)."""
+        return self._factors()
+
+    def _factors(self) -> tuple[Tensor, Tensor, Tensor]:
+        # kept apart from low_rank_factors, which a composition (DoRA) may override
         a = self.lora_A
         return a[: self.out_features], a[: self.in_features].t(), self.scale * self.ramp_value()
 
     def adapter_forward(self, x: Tensor) -> Tensor:
-        b, a, c = self.low_rank_factors()
+        b, a, c = self._factors()
         if self.kind != "embedding":
             x = x.to(a.dtype)
         h = embed_or_linear(self, x, a)
         return F.linear(h * c.to(h.dtype), b)
 
     def delta_weight(self) -> Tensor:
-        b, a, c = self.low_rank_factors()
+        b, a, c = self._factors()
         return (b @ a) * c.to(b.dtype)
 
     def param_sides(self) -> dict[str, Side]:

@@ -179,8 +179,9 @@ class SLTrainLayer(AdapterLayer):
             del base._parameters["weight"]
 
     # --- protocol ---------------------------------------------------------------------------
-    def low_rank_factors(self) -> tuple[Tensor, Tensor, float]:
-        return self.lora_B, self.lora_A, self.scale
+    def low_rank_factors(self) -> None:
+        """None: the sparse part makes ``s * B @ A + S`` no low-rank product."""
+        return None
 
     def adapter_forward(self, x: Tensor) -> Tensor:
         x = x.to(self.lora_A.dtype)
