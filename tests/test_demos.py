@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import collections
+import re
 import subprocess
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -187,3 +189,22 @@ def test_minilm_classifier_is_pretrained_with_a_seeded_head():
     )
     assert not torch.equal(model.classifier.weight, other.classifier.weight)
     assert tokenizer("hello world")["input_ids"][0] == tokenizer.cls_token_id
+
+
+def test_getting_started_yaml_parses(tmp_path):
+    """The LightningCLI example of docs/getting-started.md builds the documented run."""
+    from lightning_lowrank import LowRankCallback
+    from lightning_lowrank.demos.cli import MiniLMClassifier, main
+
+    page = (Path(__file__).parents[1] / "docs" / "getting-started.md").read_text()
+    block = re.search(r"```yaml\n(# config.yaml\n.*?)```", page, re.S)
+    assert block, "docs/getting-started.md lost its config.yaml example"
+    config = tmp_path / "config.yaml"
+    config.write_text(block.group(1))
+    cli = main(["--config", str(config), "--trainer.logger=false"], run=False)
+    callback = next(c for c in cli.trainer.callbacks if isinstance(c, LowRankCallback))
+    assert callback.method == LoRA(rank=8, alpha=16, scaling="rslora")
+    assert callback.target_modules == ["query", "value"] and callback.lr_ratio == 16
+    assert isinstance(cli.model, MiniLMClassifier) and cli.model.lr == 5e-4
+    # the head is sized from the data module's classes
+    assert cli.model.model.classifier.out_features == cli.datamodule.num_classes == 5
