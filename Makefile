@@ -51,6 +51,7 @@ serve-docs: $(VENV)/.all-installed
 
 bench: $(VENV)/.all-installed fortunes
 	$(BIN)/python -m benchmarks.speed
+	$(BIN)/python -m benchmarks.render
 
 # Debian's fortunes corpus (a harder classification task for tutorials and benchmarks); without
 # root or apt the install is skipped and the loaders raise an error naming the packages
