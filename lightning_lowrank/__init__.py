@@ -27,7 +27,7 @@ from lightning_lowrank.monitor import AdapterMonitor
 from lightning_lowrank.optim import lora_plus_param_groups, split_optimizer
 from lightning_lowrank.peft import export_peft, import_peft
 from lightning_lowrank.pretrain import sltrain_pretrain
-from lightning_lowrank.schedules import LoRADrop, RankAllocator, Schedule
+from lightning_lowrank.schedules import DeltaLoRA, LoRADrop, RankAllocator, Schedule
 
 __version__ = "0.1.0"
 
@@ -36,9 +36,10 @@ __all__ = [
     "AdapterConfig",
     "AdapterLayer",
     "AdapterMonitor",
+    "DeltaLoRA",
     "DoRA",
-    "LoRA",
     "LoRADrop",
+    "LoRA",
     "LowRankCallback",
     "RankAllocator",
     "SLTrain",

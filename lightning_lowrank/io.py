@@ -1,9 +1,10 @@
 """Adapter files: safetensors only (never pickle), with the method config in the metadata.
 
 A file holds each adapter layer's parameters and persistent buffers under
-``"<module name>.<tensor name>"`` and three metadata entries (JSON strings): ``method`` (the config
-and its type), ``layers`` (the adapted module names and per-layer rebuild facts) and ``extra``
-(state that scheduled methods attach, e.g. a selection or a base delta description).
+``"<module name>.<tensor name>"`` and four metadata entries (JSON strings): ``method`` (the config
+and its type), ``layers`` (the adapted module names and per-layer rebuild facts), ``extensions``
+(the layer extensions to rebuild, e.g. Delta-LoRA's base update; absent in older files) and
+``extra`` (state that scheduled methods attach, e.g. a selection or a base delta description).
 
 Saving writes a temporary file next to the target and renames it, so a crash never leaves a
 half-written adapter. Loading validates every key and shape against the model before anything is
@@ -26,7 +27,12 @@ from torch import Tensor, nn
 
 from lightning_lowrank.inject import adapter_layers, attach, build_layers
 from lightning_lowrank.methods import config_from_dict
-from lightning_lowrank.methods.base import AdapterConfig, AdapterLayer
+from lightning_lowrank.methods.base import (
+    EXTENSION_TYPES,
+    AdapterConfig,
+    AdapterLayer,
+    LayerExtension,
+)
 from lightning_lowrank.sharing import (
     mark_shared,
     shared_map,
@@ -93,6 +99,13 @@ def save_adapter(
         "format": FORMAT,
         "method": json.dumps(method.to_dict()),
         "layers": json.dumps(layer_meta),
+        "extensions": json.dumps(
+            {
+                n: {"name": layer.extension.name, **layer.extension.metadata()}
+                for n, layer in layers.items()
+                if layer.extension is not None
+            }
+        ),
         "extra": json.dumps(extra or {}),
         "shared": json.dumps(shared_map(layers)),
     }
@@ -134,6 +147,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, 
             "method": json.loads(raw["method"]),
             "layers": json.loads(raw["layers"]),
             "extra": json.loads(raw.get("extra", "{}")),
+            "extensions": json.loads(raw.get("extensions", "{}")),
             "shared": json.loads(raw.get("shared", "{}")),
         }
     except (KeyError, json.JSONDecodeError) as err:
@@ -151,7 +165,8 @@ def _check_state(expected: dict[str, Tensor], tensors: dict[str, Tensor], path: 
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
         raise ValueError(
-            f"adapter file {path} does not fit this model: " + "; ".join(parts)
+            f"adapter file {path} does not fit this model: "
+            + "; ".join(parts)
             + ". Was it saved from another model or with other target_modules?"
         )
     for key, value in tensors.items():
@@ -184,16 +199,32 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
                 f"adapter file {path} adapts {len(layer_meta)} layers but the model has adapters on "
                 f"{len(existing)} different ones: call unload(model) or load into a fresh model"
             )
+        changed = [
+            n for n, la in existing.items() if la.extension and not la.extension.base_is_original()
+        ]
+        if changed:
+            raise ValueError(
+                f"the base weights of {changed[:3]} were changed in place (Delta-LoRA): load "
+                f"{path} into a fresh base model"
+            )
+        extensions = _build_extensions(existing, meta["extensions"], path)
+        expected = {
+            f"{n}.{k}": v
+            for n, layer in existing.items()
+            for k, v in layer.adapter_state_dict().items()
+            if not k.startswith("extension.")
+        }
+        for n, ext in extensions.items():
+            expected.update({f"{n}.extension.{k}": v for k, v in ext.state_dict().items()})
         if shared_map(existing) != meta["shared"]:
             raise ValueError(
                 f"adapter file {path} shares adapters between layers differently from this model "
                 "(LoRA-drop): load it into a fresh model"
             )
-        expected = {
-            f"{n}.{k}": v for n, layer in existing.items() for k, v in layer.adapter_state_dict().items()
-        }
         _check_state(stored_state(expected, existing), tensors, path)
         layers = existing
+        for n, layer in layers.items():
+            layer.extension = extensions.get(n)
     else:
         missing = [n for n in layer_meta if not _has_submodule(model, n)]
         if missing:
@@ -205,13 +236,36 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
         layers = build_layers(model, method, exact, layer_meta=layer_meta)
         if sorted(layers) != sorted(layer_meta):
             raise ValueError(f"adapter file {path} does not match this model's module names")
+        for n, ext in _build_extensions(layers, meta["extensions"], path).items():
+            layers[n].extension = ext  # the layers are not in the model yet
         mark_shared(layers, meta["shared"], path)
-        expected = {f"{n}.{k}": v for n, layer in layers.items() for k, v in layer.adapter_state_dict().items()}
+        expected = {
+            f"{n}.{k}": v
+            for n, layer in layers.items()
+            for k, v in layer.adapter_state_dict().items()
+        }
         _check_state(stored_state(expected, layers), tensors, path)
         attach(model, layers)
         tie_shared(layers)
     _copy_into(layers, tensors)
     return list(layers)
+
+
+def _build_extensions(
+    layers: dict[str, AdapterLayer], described: dict[str, dict[str, Any]], path: Path
+) -> dict[str, LayerExtension]:
+    """Rebuild the layer extensions an adapter file describes (not attached to the layers)."""
+    extensions = {}
+    for name, desc in described.items():
+        desc = dict(desc)
+        kind = desc.pop("name", None)
+        if name not in layers or kind not in EXTENSION_TYPES:
+            raise ValueError(
+                f"adapter file {path} describes an unknown layer extension {kind!r} on {name!r}"
+                f" (known: {sorted(EXTENSION_TYPES)}); was it written by a newer version?"
+            )
+        extensions[name] = EXTENSION_TYPES[kind].from_metadata(layers[name], desc)
+    return extensions
 
 
 def _has_submodule(model: nn.Module, name: str) -> bool:
@@ -226,7 +280,7 @@ def _has_submodule(model: nn.Module, name: str) -> bool:
 def _copy_into(layers: dict[str, AdapterLayer], tensors: dict[str, Tensor]) -> None:
     for name, layer in layers.items():
         prefix = f"{name}."
-        own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         state = layer.adapter_state_dict()
         for key, value in own.items():
             state[key].copy_(value.to(state[key].dtype))

@@ -10,7 +10,9 @@ LoRA+ grouping, the callback and its schedules) only uses this protocol:
 - ``adapter_parameter_names()`` and ``param_sides()`` (which parameters are A-side and B-side, for
   LoRA+);
 - ``set_step(step)``: the number of optimizer steps taken so far (for methods with a ramp);
-- ``layer_metadata()``: per-layer facts needed to rebuild the layer from an adapter file.
+- ``layer_metadata()``: per-layer facts needed to rebuild the layer from an adapter file;
+- optionally ``low_rank_factors()`` (``dW = c * B @ A`` without building ``dW``) and an
+  ``extension`` (a :class:`LayerExtension`, e.g. Delta-LoRA's implicit base update).
 
 Weights are always spoken of in ``(out, in)`` orientation. ``Conv1D`` stores ``(in, out)`` and an
 embedding table stores ``(num_embeddings, embedding_dim)``; both are treated as the transpose of an
@@ -138,6 +140,9 @@ class AdapterLayer(nn.Module):
         self.config = config
         self.out_features, self.in_features = layer_shape(base)
         self.merged = False
+        #: an optional :class:`LayerExtension` (a child module once set), e.g. Delta-LoRA's
+        #: implicit base update; it adds to the output and to the merged weight
+        self.extension: LayerExtension | None = None
         #: set by LoRA-drop: the name of the layer whose adapter parameters this one uses
         self.shared_with: str | None = None
         #: set by LoRA-drop's plain variant: the adapter adds nothing and adapter files omit it
@@ -161,6 +166,12 @@ class AdapterLayer(nn.Module):
 
     def set_step(self, step: int) -> None:  # noqa: B027 - optional hook
         """Tell the layer how many optimizer steps have been taken. No-op unless it has a ramp."""
+
+    def low_rank_factors(self) -> tuple[Tensor, Tensor, Tensor | float] | None:
+        """``(B, A, c)`` with ``delta_weight() == c * B @ A``, B: (out, k), A: (k, in), or None
+        when the method has no such factorisation (then callers fall back to ``delta_weight()``).
+        Lets Delta-LoRA update a base weight without building a dense ``(out, in)`` temporary."""
+        return None
 
     def layer_metadata(self) -> dict[str, Any]:
         """Keyword arguments (JSON-serialisable) needed to rebuild this layer's shapes."""
@@ -187,14 +198,25 @@ class AdapterLayer(nn.Module):
         out = self.base(x, *args, **kwargs)
         if self.merged:
             return out
-        return out + self.adapter_forward(x).to(out.dtype)
+        out = out + self.adapter_forward(x).to(out.dtype)
+        if self.extension is not None:
+            out = self.extension.add_output(self, x, out)
+        return out
+
+    def merged_delta(self) -> Tensor:
+        """What :meth:`merge` adds to the base weight: ``delta_weight()`` plus the extension's
+        term, if any."""
+        delta = self.delta_weight()
+        if self.extension is not None:
+            delta = self.extension.add_weight(self, delta)
+        return delta
 
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the delta into the base weight; the forward then costs what the base costs."""
         if self.merged:
             return
-        delta = self.delta_weight()
+        delta = self.merged_delta()
         if not torch.isfinite(delta).all():
             raise ValueError("refusing to merge: the adapter's delta has non-finite values")
         w = weight_oi(self.base)
@@ -207,11 +229,54 @@ class AdapterLayer(nn.Module):
         if not self.merged:
             return
         w = weight_oi(self.base)
-        w.sub_(self.delta_weight().to(w.dtype))
+        w.sub_(self.merged_delta().to(w.dtype))
         self.merged = False
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, in={self.in_features}, out={self.out_features}, merged={self.merged}"
+
+
+#: every :class:`LayerExtension` subclass by its ``name``, to rebuild one from adapter metadata
+EXTENSION_TYPES: dict[str, type[LayerExtension]] = {}
+
+
+class LayerExtension(nn.Module):
+    """An add-on to one adapter layer that changes its effective weight beyond the method's delta.
+
+    A scheduled method attaches one as ``layer.extension`` (Delta-LoRA's implicit base update).
+    The layer's forward passes its output through :meth:`add_output`, and :meth:`merge` folds
+    :meth:`add_weight` into the base. Its persistent buffers belong to the adapter: adapter files
+    and checkpoints store them under ``"<layer>.extension.<buffer>"``; :meth:`metadata` (JSON) and
+    :meth:`from_metadata` let ``load_adapter`` rebuild it. Subclasses set a unique ``name``.
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            EXTENSION_TYPES[cls.name] = cls
+
+    def add_output(self, layer: AdapterLayer, x: Tensor, out: Tensor) -> Tensor:
+        """The layer's output ``out`` (base plus adapter) for input ``x``, plus this term."""
+        return out
+
+    def add_weight(self, layer: AdapterLayer, delta: Tensor) -> Tensor:
+        """The dense ``(out, in)`` ``delta`` that merge folds in, plus this term."""
+        return delta
+
+    def base_is_original(self) -> bool:
+        """False once the extension has changed the base weight itself (in-place updates)."""
+        return True
+
+    def metadata(self) -> dict[str, Any]:
+        """JSON-serialisable facts that :meth:`from_metadata` needs (shapes, constants)."""
+        return {}
+
+    @classmethod
+    def from_metadata(cls, layer: AdapterLayer, meta: dict[str, Any]) -> LayerExtension:
+        """Rebuild the extension for ``layer`` (buffers are then filled from the file)."""
+        raise NotImplementedError
 
 
 def embed_or_linear(layer: AdapterLayer, x: Tensor, a: Tensor) -> Tensor:

@@ -95,6 +95,9 @@ class LoRALayer(AdapterLayer):
     def delta_weight(self) -> Tensor:
         return (self.lora_B @ self.lora_A) * self.scale
 
+    def low_rank_factors(self) -> tuple[Tensor, Tensor, float]:
+        return self.lora_B, self.lora_A, self.scale
+
     def layer_metadata(self) -> dict[str, Any]:
         meta: dict[str, Any] = {}
         if self.rank != self.config.rank:

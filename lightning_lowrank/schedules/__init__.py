@@ -6,6 +6,7 @@ from lightning_lowrank.methods.adalora import AdaLoRA
 from lightning_lowrank.methods.base import AdapterConfig
 from lightning_lowrank.schedules.adalora import RankAllocator
 from lightning_lowrank.schedules.base import Schedule
+from lightning_lowrank.schedules.delta_lora import DeltaLoRA
 from lightning_lowrank.schedules.lora_drop import LoRADrop, plot_importance
 
 
@@ -16,4 +17,11 @@ def default_schedules(method: AdapterConfig) -> list[Schedule]:
     return []
 
 
-__all__ = ["LoRADrop", "plot_importance", "RankAllocator", "Schedule", "default_schedules"]
+__all__ = [
+    "DeltaLoRA",
+    "LoRADrop",
+    "RankAllocator",
+    "Schedule",
+    "default_schedules",
+    "plot_importance",
+]
