@@ -208,3 +208,32 @@ def test_getting_started_yaml_parses(tmp_path):
     assert isinstance(cli.model, MiniLMClassifier) and cli.model.lr == 5e-4
     # the head is sized from the data module's classes
     assert cli.model.model.classifier.out_features == cli.datamodule.num_classes == 5
+
+
+def test_metrics_history_records_steps_and_validation():
+    from lightning_lowrank.demos import MetricsHistory
+
+    pl.seed_everything(0, verbose=False)
+    module = TextClassifier(tiny_bert(num_labels=3).train(), lr=1e-2)
+    loader = _tiny_loader()  # 3 batches per epoch
+    history = MetricsHistory()
+    trainer = pl.Trainer(
+        max_steps=6,
+        val_check_interval=3,
+        callbacks=[history],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=1,
+    )
+    trainer.fit(module, loader, loader)
+    assert [s for s, _ in history.train] == [1, 2, 3, 4, 5, 6]
+    assert [s for s, _ in history.val] == [3, 6]  # the sanity check is not recorded
+    assert set(history.val[0][1]) == {"val_loss", "val_acc"}
+    losses = [m["val_loss"] for _, m in history.val]
+    assert (
+        history.first_step_below("val_loss", min(losses))
+        == history.val[losses.index(min(losses))][0]
+    )
+    assert history.first_step_below("val_loss", -1.0) is None

@@ -15,6 +15,7 @@ from lightning_lowrank.demos.data import (
     smoke_mode,
     stratified_split,
 )
+from lightning_lowrank.demos.history import MetricsHistory
 from lightning_lowrank.demos.models import (
     ParameterCount,
     count_parameters,
@@ -26,6 +27,7 @@ from lightning_lowrank.demos.models import (
 __all__ = [
     "BBCNewsDataModule",
     "FortunesDataModule",
+    "MetricsHistory",
     "ParameterCount",
     "TextClassificationDataModule",
     "TextClassifier",
