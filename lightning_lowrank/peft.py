@@ -220,12 +220,11 @@ def _vera_form(layer: VeRALayer) -> PeftLayer:
 
 
 def _dora_form(layer: DoRALayer | DoRASingLoRALayer) -> PeftLayer:
-    # PEFT's DoRA is m * (W0 + dW) / ||W0 + dW||_row over a LoRA pair, as here; SingLoRA's delta
-    # under the magnitude is a pair too
-    if isinstance(layer, DoRASingLoRALayer):
-        form = _singlora_form(layer)
-    else:
-        form = _lora_form(layer)
+    # PEFT's DoRA is m * (W0 + dW) / ||W0 + dW||_row over a LoRA pair, as here; the delta under the
+    # magnitude (LoRA's or SingLoRA's) is a pair with its scale c folded as for those methods
+    b, a, c = layer.delta_factors()
+    alpha = layer.alpha if isinstance(layer, LoRALayer) else layer.config.alpha
+    form = _pair(b, a, c, alpha, layer.config.scaling == "rslora", layer.kind)
     form.magnitude = layer.magnitude
     return form
 

@@ -15,7 +15,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lightning_lowrank import LoRA, adapter_layers, export_peft, import_peft, inject
+from lightning_lowrank import (
+    LoRA,
+    adapter_layers,
+    export_peft,
+    import_peft,
+    inject,
+    load_adapter,
+    save_adapter,
+)
 from lightning_lowrank.methods.adalora import AdaLoRA
 from lightning_lowrank.methods.base import AdapterLayer
 from lightning_lowrank.methods.dora import DoRA
@@ -23,6 +31,7 @@ from lightning_lowrank.methods.singlora import SingLoRA
 from lightning_lowrank.methods.sltrain import SLTrain
 from lightning_lowrank.methods.vera import VeRA
 from lightning_lowrank.peft import PeftExportError, peft_adapter
+from lightning_lowrank.schedules.lora_drop import LoRADrop
 from tests.conftest import tiny_bert, tiny_gpt2
 
 peft = pytest.importorskip("peft")
@@ -224,12 +233,14 @@ def test_export_of_every_exact_method_loads_in_peft(arch, case, tmp_path):
         }
     theirs = _logits(_from_pretrained(arch, tmp_path))
     torch.testing.assert_close(theirs, ours, atol=ATOL, rtol=0)
+    # and back: imported as LoRA / DoRA pairs, the model computes the same again
+    fresh = BUILDERS[arch]()
+    import_peft(fresh, tmp_path)
+    torch.testing.assert_close(_logits(fresh), ours, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("mode", ["share", "drop"])
 def test_export_after_lora_drop_writes_per_layer_copies(mode, tmp_path):
-    from lightning_lowrank.schedules.lora_drop import LoRADrop
-
     model = tiny_bert()
     inject(model, LoRA(rank=4, alpha=8), target_modules=LINEAR_TARGETS["bert"])
     _randomise_ours(model)
@@ -254,6 +265,15 @@ def test_export_after_lora_drop_writes_per_layer_copies(mode, tmp_path):
         assert not any(k.startswith(f"base_model.model.{host}.") for k in tensors)
     theirs = _logits(_from_pretrained("bert", tmp_path))
     torch.testing.assert_close(theirs, ours, atol=ATOL, rtol=0)
+    # a model rebuilt from this library's adapter file (members hold the host's Parameters)
+    # exports the same files
+    save_adapter(model, tmp_path / "adapter.safetensors")
+    fresh = tiny_bert()
+    load_adapter(fresh, tmp_path / "adapter.safetensors")
+    export_peft(fresh, tmp_path / "again")
+    again = load_file(tmp_path / "again" / "adapter_model.safetensors")
+    assert again.keys() == tensors.keys()
+    assert all(torch.equal(again[k], v) for k, v in tensors.items())
 
 
 # --- import: PEFT -> a model here ----------------------------------------------------------------
