@@ -31,6 +31,7 @@ from lightning_lowrank.methods.singlora import SingLoRA
 from lightning_lowrank.methods.sltrain import SLTrain
 from lightning_lowrank.methods.vera import VeRA
 from lightning_lowrank.peft import PeftExportError, peft_adapter
+from lightning_lowrank.schedules.delta_lora import DeltaLoRA
 from lightning_lowrank.schedules.lora_drop import LoRADrop
 from tests.conftest import tiny_bert, tiny_gpt2
 
@@ -428,8 +429,6 @@ def test_export_refuses_sltrain_and_writes_nothing(tmp_path):
 
 
 def test_export_refuses_delta_lora_base_delta_and_writes_nothing(tmp_path):
-    from lightning_lowrank.schedules.delta_lora import DeltaLoRA
-
     model = tiny_bert()
     inject(model, LoRA(rank=2, alpha=4), target_modules=["query"])
     DeltaLoRA(scale=2.0, start_step=0).setup(model, adapter_layers(model), total_steps=None)
