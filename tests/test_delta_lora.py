@@ -32,6 +32,15 @@ from tests.conftest import MLP
 TARGETS = ["embed", "fc1", "fc2"]  # an embedding and both orientations of a non-square linear
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny matrices: a second intra-op thread only adds spin-waiting on a busy machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_model(method, dtype=torch.float64):
     torch.manual_seed(0)
     model = MLP().to(dtype)
@@ -313,3 +322,38 @@ def test_resume_after_k_continues_exactly(mode, tmp_path):
     ids = torch.randint(0, 20, (6, 5))
     torch.testing.assert_close(resumed(ids), uninterrupted(ids), rtol=0, atol=1e-6)
     assert (resumed(ids) - Module()(ids)).abs().max() > 1e-3
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_ddp_bases_identical_across_ranks(tmp_path):
+    # the in-place form is the one that moves the bases (the implicit form never touches them)
+    mode = "inplace"
+    from tests.ddp_utils import run_ddp
+
+    results = run_ddp(
+        tmp_path,
+        f"""
+        from lightning_lowrank import DeltaLoRA, LoRA, LowRankCallback
+        from lightning_lowrank.methods.base import weight_oi
+        from tests.test_delta_lora import TARGETS, Module, loader
+
+        module = Module()
+        w0 = {{n: weight_oi(m).detach().clone() for n, m in module.net.named_children()}}
+        schedule = DeltaLoRA(start_step=2, mode={mode!r})
+        cb = LowRankCallback(LoRA(rank=2, alpha=4), target_modules=TARGETS, schedules=[schedule])
+        ddp_trainer(max_steps=6, callbacks=[cb]).fit(module, loader(24))
+        ids = torch.arange(20).reshape(4, 5)
+        save_rank_result({{
+            "bases": {{n: weight_oi(la.base).detach().clone() for n, la in cb.layers.items()}},
+            "w0": w0,
+            "out": module(ids).detach(),
+        }})
+        """,
+    )
+    a, b = results
+    for name in a["bases"]:
+        torch.testing.assert_close(a["bases"][name], b["bases"][name], rtol=0, atol=0)
+        moved = (a["bases"][name] - a["w0"][name.removeprefix("net.")]).abs().max()
+        assert moved > 0
+    torch.testing.assert_close(a["out"], b["out"], rtol=0, atol=0)
