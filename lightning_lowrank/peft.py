@@ -293,8 +293,8 @@ def _modules_to_save(
         owner = pname.rpartition(".")[0]
         if not _inside(owner, root) or owner == root:
             warnings.warn(
-                f"trainable parameter {pname!r} is outside the transformers model {root!r}: a "
-                "PEFT adapter cannot hold it, so it is not exported",
+                f"trainable parameter {pname!r} is not in a submodule of {root or 'the model'!r}: "
+                "PEFT's modules_to_save cannot hold it, so it is not exported",
                 stacklevel=3,
             )
             continue
@@ -318,6 +318,24 @@ def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
         if re.match(rf"(.*\.)?({key})$", name):
             return value
     return default
+
+
+def _patterns(
+    forms: dict[str, PeftLayer], r: int, alpha: float
+) -> tuple[dict[str, int], dict[str, float]]:
+    """``rank_pattern`` and ``alpha_pattern`` for the layers whose rank or alpha is not the
+    default. PEFT's keys are regexes matched at the end of a name, so a plain name can also match
+    a layer whose name ends with it; then every key is anchored (``^`` and escaped)."""
+    for anchored in (False, True):
+        key = (lambda n: "^" + re.escape(n)) if anchored else (lambda n: n)
+        ranks = {key(n): f.rank for n, f in forms.items() if f.rank != r}
+        alphas = {key(n): f.alpha for n, f in forms.items() if f.alpha != alpha}
+        if all(
+            _pattern_value(ranks, n, r) == f.rank and _pattern_value(alphas, n, alpha) == f.alpha
+            for n, f in forms.items()
+        ):
+            return ranks, alphas
+    raise PeftExportError("the per-layer ranks cannot be written as PEFT patterns")  # unreachable
 
 
 def peft_adapter(
@@ -351,8 +369,7 @@ def peft_adapter(
     # the most common rank and alpha are the defaults; the other layers go into the patterns
     r = Counter(f.rank for f in forms.values()).most_common(1)[0][0]
     alpha = Counter(f.alpha for f in forms.values()).most_common(1)[0][0]
-    rank_pattern = {n: f.rank for n, f in forms.items() if f.rank != r}
-    alpha_pattern = {n: f.alpha for n, f in forms.items() if f.alpha != alpha}
+    rank_pattern, alpha_pattern = _patterns(forms, r, alpha)
     root_module = _check_root(model, root)
     save_names, save_tensors = _modules_to_save(model, root, adapted)
 
@@ -395,14 +412,6 @@ def peft_adapter(
         "inference_mode": True,
         "init_lora_weights": True,
     }
-    # the patterns must give every layer back its own rank and alpha (a PEFT regex subtlety)
-    for name, f in forms.items():
-        if _pattern_value(rank_pattern, name, r) != f.rank or (
-            _pattern_value(alpha_pattern, name, alpha) != f.alpha
-        ):
-            raise PeftExportError(
-                f"could not express the rank of layer {name!r} in PEFT's patterns"
-            )
     return config, tensors
 
 

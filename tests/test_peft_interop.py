@@ -277,6 +277,46 @@ def test_export_after_lora_drop_writes_per_layer_copies(mode, tmp_path):
     assert all(torch.equal(again[k], v) for k, v in tensors.items())
 
 
+class Nested(nn.Module):
+    """A plain module where one adapted name ends with another: ``q`` and ``inner.q``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.q = nn.Linear(8, 8)
+        self.inner = nn.Module()
+        self.inner.q = nn.Linear(8, 8)
+        self.other = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.other(self.inner.q(self.q(x)))
+
+
+def test_per_layer_ranks_of_nested_names_use_anchored_patterns(tmp_path):
+    from peft import PeftModel
+
+    model = Nested()
+    inject(model, LoRA(rank=4, alpha=8), target_modules=["q", "other"])
+    layer = adapter_layers(model)["q"]
+    model.q = type(layer)(layer.base, layer.config, rank=2)  # "q" differs, "inner.q" does not
+    _randomise_ours(model)
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(x)
+
+    export_peft(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    # a plain key "q" would also match "inner.q" in PEFT's end-of-name regex
+    assert config["rank_pattern"] == {"^q": 2}
+    with torch.no_grad():
+        theirs = PeftModel.from_pretrained(Nested(), str(tmp_path))(x)
+        fresh = Nested()
+        import_peft(fresh, tmp_path)
+        back = fresh(x)
+    torch.testing.assert_close(theirs, ours, atol=ATOL, rtol=0)
+    torch.testing.assert_close(back, ours, atol=ATOL, rtol=0)
+
+
 # --- import: PEFT -> a model here ----------------------------------------------------------------
 
 
