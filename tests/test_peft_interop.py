@@ -317,6 +317,55 @@ def test_per_layer_ranks_of_nested_names_use_anchored_patterns(tmp_path):
     torch.testing.assert_close(back, ours, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize(
+    "method",
+    [SingLoRA(rank=4, alpha=8, ramp_steps=4), DoRA(rank=4, alpha=8)],
+    ids=["singlora", "dora"],
+)
+def test_trained_with_the_callback_then_exported(method, tmp_path):
+    """A few real optimizer steps through LowRankCallback (adapters, a new head, SingLoRA's ramp
+    at u = 3/4), then the export loads in PEFT with the same outputs."""
+    from torch.utils.data import DataLoader
+
+    from lightning_lowrank import LowRankCallback
+    from lightning_lowrank.demos import TextClassifier
+
+    module = TextClassifier(tiny_bert(), lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    batches = [
+        {
+            "input_ids": torch.randint(1, 64, (4, 7), generator=gen),
+            "labels": torch.tensor([0, 1, 2, 1]),
+        }
+        for _ in range(3)
+    ]
+    trainer = L.Trainer(
+        max_steps=3,
+        callbacks=[
+            LowRankCallback(method, target_modules=["query", "value"], train_modules=["classifier"])
+        ],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    trainer.fit(module, DataLoader(batches, batch_size=None))
+    module.eval()
+    ours = _logits(module.model)
+    if isinstance(method, SingLoRA):  # the ramp stands between 0 and 1: u = 3 / 4
+        assert {int(layer.step) for layer in adapter_layers(module).values()} == {3}
+
+    export_peft(module, tmp_path)
+    theirs = _logits(_from_pretrained("bert", tmp_path))
+    torch.testing.assert_close(theirs, ours, atol=ATOL, rtol=0)
+    # the trained head travels as modules_to_save, and the adapters did move
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == [
+        "classifier"
+    ]
+    assert (ours - _logits(tiny_bert())).abs().max() > 100 * ATOL
+
+
 # --- import: PEFT -> a model here ----------------------------------------------------------------
 
 
