@@ -459,6 +459,26 @@ def test_import_dora_gives_peft_outputs(arch, tmp_path):
     torch.testing.assert_close(_logits(model), expected, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_imported_per_layer_ranks_survive_save_and_load_adapter(use_dora, tmp_path):
+    expected = _peft_adapter(
+        "gpt2",
+        tmp_path,
+        r=4,
+        lora_alpha=8,
+        use_dora=use_dora,
+        rank_pattern={"h.1.attn.c_attn": 2},
+        alpha_pattern={"c_fc": 3},
+    )
+    model = tiny_gpt2()
+    import_peft(model, tmp_path)
+    save_adapter(model, tmp_path / "ours.safetensors")
+    fresh = tiny_gpt2()
+    load_adapter(fresh, tmp_path / "ours.safetensors")
+    assert adapter_layers(fresh)["transformer.h.1.attn.c_attn"].lora_A.shape == (2, 16)
+    torch.testing.assert_close(_logits(fresh), expected, atol=ATOL, rtol=0)
+
+
 def test_round_trip_here_peft_here(tmp_path):
     model = tiny_gpt2()
     inject(model, LoRA(rank=4, alpha=8, scaling="rslora"), target_modules=["c_attn", "wte"])
