@@ -473,6 +473,9 @@ _UNSUPPORTED = {
     "lora_bias": False,
     "megatron_config": None,
 }
+#: PEFT initialisations that rewrite the base weights (the saved adapter then needs that residual
+#: base unless PEFT converted it to a plain LoRA adapter, which resets init_lora_weights to True)
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 #: PEFT's tensor names and what each one is: factor A, factor B or DoRA's magnitude m
 _SUFFIXES = {
     "lora_A.weight": "A",
@@ -530,6 +533,14 @@ def _check_config(config: dict[str, Any], directory: Path) -> None:
                 f"{directory}: adapter_config {key}={value!r} is not supported here; merge the "
                 "adapter in PEFT (merge_and_unload) and load the merged model instead"
             )
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise ValueError(
+            f"{directory}: init_lora_weights={init!r} changed the base weights when the adapter "
+            "was created, so the adapter does not apply to the original base model. Convert it in "
+            "PEFT first (save_pretrained(..., path_initial_model_for_weight_conversion=...)) or "
+            "merge it there (merge_and_unload)"
+        )
     if config.get("bias", "none") != "none":
         raise ValueError(
             f"{directory}: bias={config['bias']!r} adapters train base biases, which is not "

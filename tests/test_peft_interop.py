@@ -593,6 +593,7 @@ def _first_key(tensors, suffix):
     [
         (lambda d: _edit_config(d, peft_type="VERA"), "only PEFT LoRA adapters"),
         (lambda d: _edit_config(d, bias="all"), "bias='all'"),
+        (lambda d: _edit_config(d, init_lora_weights="pissa"), "changed the base weights"),
         (lambda d: _edit_config(d, r=8), "rank 4 in the weights but 8"),
         (lambda d: (d / "adapter_config.json").write_text("{not json"), "not valid JSON"),
         (
@@ -638,6 +639,7 @@ def _first_key(tensors, suffix):
     ids=[
         "peft-type",
         "bias",
+        "pissa",
         "rank-mismatch",
         "bad-json",
         "corrupt-file",
