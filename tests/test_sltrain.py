@@ -222,3 +222,14 @@ def test_invalid_configs():
         SLTrain(mode="finetune")
     with pytest.raises(ValueError, match="exclude_modules"):
         inject(MLP(), SLTrain(rank=2), target_modules=["embed"])
+
+
+def test_zero_density_is_pure_low_rank():
+    torch.manual_seed(8)
+    base = nn.Linear(6, 4).double()
+    layer = SLTrainLayer(base, SLTrain(rank=2, density=0.0), name="l")
+    _perturb(layer)
+    assert layer.nnz == 0
+    x = torch.randn(3, 6, dtype=torch.float64)
+    dw = layer.scale * layer.lora_B.detach() @ layer.lora_A.detach()
+    torch.testing.assert_close(layer(x), x @ (base.weight + dw).T + base.bias)

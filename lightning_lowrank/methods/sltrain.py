@@ -186,6 +186,8 @@ class SLTrainLayer(AdapterLayer):
     def adapter_forward(self, x: Tensor) -> Tensor:
         x = x.to(self.lora_A.dtype)
         low = F.linear(F.linear(x, self.lora_A) * self.scale, self.lora_B)
+        if self.nnz == 0:  # density 0 (pure low-rank): skip the dense matmul of zeros
+            return low
         sparse = SparseLinearFunction.apply(
             x, self.sparse_values, self.sparse_index, self.out_features
         )
