@@ -15,6 +15,7 @@ from lightning_lowrank.analysis import (
     effective_rank,
     intruder_dimensions,
     model_intruder_dimensions,
+    top_left_singular_vectors,
 )
 
 from .conftest import MLP
@@ -108,6 +109,16 @@ def test_intruder_dimensions_rejects_bad_input():
         intruder_dimensions(torch.zeros(3, 4), torch.zeros(4, 3))
     with pytest.raises(ValueError, match="epsilon"):
         intruder_dimensions(torch.eye(3), torch.eye(3), epsilon=0.0)
+
+
+@pytest.mark.parametrize("shape", [(30, 50), (50, 30)])
+def test_fast_top_singular_vectors_match_the_svd(shape):
+    w, _ = _with_spectrum(*shape, seed=5)
+    u, s = top_left_singular_vectors(w.float(), 10)
+    u_ref, s_ref, _ = torch.linalg.svd(w.float().double(), full_matrices=False)
+    assert torch.allclose(s, s_ref[:10], rtol=1e-10)
+    # same directions up to sign: |cos| = 1 column by column
+    assert torch.allclose((u * u_ref[:, :10]).sum(0).abs(), torch.ones(10, dtype=torch.float64))
 
 
 def test_effective_rank_known_values():
