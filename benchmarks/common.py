@@ -121,11 +121,14 @@ def time_interleaved(
     steps: int,
     warmup: int = 1,
     log: Callable[[str], None] = print,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
     """Seconds per step of every runner, ``reps`` rounds of ``steps`` steps each.
 
     Each round runs every runner once, in an order rotated by the round number, so slow phases of a
-    shared machine hit all runners alike. Returns the per-step times of each round.
+    shared machine hit all runners alike. Returns the per-step times of each round. ``clock`` is
+    wall time by default; ``time.process_time`` (CPU time of this process) is far less sensitive
+    to other processes competing for the cores when torch runs on one thread.
     """
     for r in runners:
         for _ in range(warmup):
@@ -135,10 +138,10 @@ def time_interleaved(
         shift = rep % len(runners)
         order = runners[shift:] + runners[:shift]
         for r in order:
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(steps):
                 r.step()
-            times[r.name].append((time.perf_counter() - t0) / steps)
+            times[r.name].append((clock() - t0) / steps)
         log(
             f"  round {rep + 1}/{reps}: " + ", ".join(f"{n} {t[-1]:.3f}s" for n, t in times.items())
         )

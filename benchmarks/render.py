@@ -87,8 +87,10 @@ def render_benchmarks() -> str | None:
             "",
             "## Reading the numbers",
             "",
-            "- Timings were taken on a machine shared with other jobs: the (min-max) spread of the "
-            "per-round ratios shows how noisy a run was. Compare ratios, not seconds.",
+            "- Timings were taken on a machine shared with other jobs. They count the CPU time of "
+            "the benchmark process (torch on one thread), which excludes the time spent waiting "
+            "for a core but not the cache and memory-bandwidth contention; the (min-max) spread "
+            "of the per-round ratios shows how noisy a run was. Compare ratios, not seconds.",
             "- The PEFT column is measured in the same run, with the same configuration; the "
             "targets were set from an earlier PEFT measurement, quoted next to them.",
             "- SingLoRA has no PEFT implementation (PEFT "

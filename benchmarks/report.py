@@ -104,7 +104,8 @@ def markdown_report(res: dict[str, Any]) -> str:
             f"Run {meta['date']} on {meta['machine']}; torch {meta['versions']['torch']}, "
             f"PEFT {meta['versions']['peft']}, transformers {meta['versions']['transformers']}, "
             f"Lightning {meta['versions']['lightning']}. {meta['model']}, batch {meta['batch']} x "
-            f"{meta['seq_len']} tokens, {meta['optimizer']}; {meta['reps']} interleaved rounds of "
+            f"{meta['seq_len']} tokens, {meta['optimizer']}; timed by "
+            f"{meta.get('clock', 'wall time')}; {meta['reps']} interleaved rounds of "
             f"{meta['steps_per_rep']} steps; medians, ratios as median (min-max) over rounds of "
             f"the ratio within a round. Whole run: {meta['wall_seconds']} s."
             + (f"\n\nNot measured:{skipped}" if skipped else ""),
