@@ -26,8 +26,26 @@ def stored_layers(layers: dict[str, AdapterLayer]) -> dict[str, AdapterLayer]:
 
 
 def shared_map(layers: dict[str, AdapterLayer]) -> dict[str, str]:
-    """``{member: host}`` for every layer that uses another layer's adapter parameters."""
-    return {n: la.shared_with for n, la in layers.items() if getattr(la, "shared_with", None)}
+    """``{member: host}`` for every layer that uses another layer's adapter parameters.
+
+    Hosts are found by storage, not by the name in ``shared_with``, so the map is right for any
+    root module (``save_adapter(pl_module.model, ...)`` names layers relative to ``model``)."""
+    hosts: dict[int, str] = {}
+    for name, layer in layers.items():
+        if not getattr(layer, "shared_with", None):
+            for p in _adapter_params(layer).values():
+                hosts.setdefault(p.data_ptr(), name)
+    shared: dict[str, str] = {}
+    for name, layer in layers.items():
+        if getattr(layer, "shared_with", None):
+            found = {hosts.get(p.data_ptr()) for p in _adapter_params(layer).values()}
+            if len(found) != 1 or None in found:
+                raise ValueError(
+                    f"layer {name!r} shares its adapter with {layer.shared_with!r}, which is not "
+                    "among the layers being saved: save the module that holds both"
+                )
+            shared[name] = found.pop()
+    return shared
 
 
 def stored_state(state: dict[str, Tensor], layers: dict[str, AdapterLayer]) -> dict[str, Tensor]:
@@ -67,7 +85,9 @@ def mark_shared(layers: dict[str, AdapterLayer], shared: dict[str, str], path: P
 
 def tie_shared(layers: dict[str, AdapterLayer]) -> None:
     """Make each member use its host's adapter ``Parameter`` objects (before any wrapping)."""
-    for member, host in shared_map(layers).items():
+    # by the names mark_shared set: the storages are not tied yet, so shared_map cannot be used
+    marked = {n: la.shared_with for n, la in layers.items() if getattr(la, "shared_with", None)}
+    for member, host in marked.items():
         host_params = _adapter_params(layers[host])
         for pname in list(_adapter_params(layers[member])):
             owner_name, _, leaf = pname.rpartition(".")

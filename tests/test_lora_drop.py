@@ -247,6 +247,25 @@ def test_save_load_after_switch_round_trips_with_fewer_parameters(tmp_path, meth
     torch.testing.assert_close(again.eval()(x), model(x), rtol=0, atol=0)
 
 
+def test_saving_a_submodule_names_the_shared_host_relative_to_it(tmp_path):
+    outer = nn.Module()
+    outer.net = Stack()
+    names = inject(outer, LoRA(rank=2), r"net\.(blocks\.\d|head)")
+    layers = {n: outer.get_submodule(n) for n in names}
+    _randomise_adapters(outer)
+    schedule = LoRADrop(sample_steps=1, log_table=False)
+    schedule.setup(outer, layers, None)
+    schedule.importance = dict(zip(names, [5.0, 0.4, 0.3, 0.3, 4.0], strict=True))
+    schedule.calls = dict.fromkeys(names, 1)
+    schedule.switch()
+    assert layers["net.blocks.2"].shared_with == "net.blocks.1"
+    path = save_adapter(outer.net, tmp_path / "net.safetensors")
+    fresh = Stack()
+    load_adapter(fresh, path)
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(fresh.eval()(x), outer.net.eval()(x), rtol=0, atol=0)
+
+
 # --- the plain variant: drop -------------------------------------------------------------------
 def test_drop_mode_switches_adapters_off_and_files_leave_them_out(tmp_path):
     model, layers, schedule = _switched(mode="drop")
