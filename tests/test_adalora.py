@@ -495,3 +495,17 @@ def test_rank_history_and_heatmap():
     assert ax.get_ylabel() and len(ax.get_images()) == 1
     ax = plot_rank_allocation(alloc, total_steps=120)
     assert ax.get_images()[0].get_array().shape == (3, 121)
+
+
+def test_total_steps_from_the_trainer_and_config_override():
+    # no max_steps: the callback estimates T from the Trainer (4 batches x 3 epochs)
+    cb = LowRankCallback(_cfg(), target_modules=["0", "2", "4"])
+    _trainer(max_epochs=3, callbacks=[cb]).fit(Regression(), _data(n=16, batch_size=4))
+    alloc = cb.schedules[0]
+    assert isinstance(alloc, RankAllocator)
+    assert alloc.total_steps == 12 and alloc.num_updates == 12
+    assert alloc.history_steps == [0, 4, 6, 8, 9]
+    # the config's total_steps wins over the Trainer's
+    cb = LowRankCallback(_cfg(total_steps=10), target_modules=["0", "2", "4"])
+    _trainer(max_steps=4, callbacks=[cb]).fit(Regression(), _data())
+    assert cb.schedules[0].total_steps == 10
