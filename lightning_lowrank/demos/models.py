@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -133,6 +134,23 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
+def _save_dequantized(model: nn.Module, directory: Path) -> None:
+    """Save a model loaded from GGUF as plain safetensors + config.
+
+    transformers marks GGUF-loaded models as quantized and refuses ``save_pretrained``, although
+    the weights are already dequantised float tensors: write them directly instead.
+    """
+    from safetensors.torch import save_model
+
+    model.config.save_pretrained(str(directory))
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("quantization_config", None)
+    config_path.write_text(json.dumps(config, indent=2))
+    # save_model stores tied tensors (input and output embeddings) once
+    save_model(model, str(directory / "model.safetensors"))
+
+
 def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
     """SmolLM2-135M-Instruct as a transformers ``LlamaForCausalLM``, and its tokenizer.
 
@@ -159,7 +177,7 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
         # convert into a temporary directory, then rename: a crash never leaves half a cache
         tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
         try:
-            model.save_pretrained(str(tmp), safe_serialization=True)
+            _save_dequantized(model, tmp)
             tokenizer.save_pretrained(str(tmp))
             if target.exists():
                 shutil.rmtree(target)
