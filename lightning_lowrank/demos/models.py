@@ -176,6 +176,7 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
         target.parent.mkdir(parents=True, exist_ok=True)
         # convert into a temporary directory, then rename: a crash never leaves half a cache
         tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary directory
         try:
             _save_dequantized(model, tmp)
             tokenizer.save_pretrained(str(tmp))
