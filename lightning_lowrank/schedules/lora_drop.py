@@ -182,6 +182,10 @@ class LoRADrop(Schedule):
     shape (or are switched off with ``mode="drop"``). See the module docstring for how the switch
     keeps optimizer, DDP and checkpoints valid.
 
+    Without a Trainer, drive it by hand: ``setup(model, layers, total_steps)`` after ``inject``,
+    ``train_start(model, layers, 0, optimizers=[opt])``, then per step ``before_optimizer_step``
+    after ``backward()`` and ``after_optimizer_step(model, layers, step + 1)`` after ``opt.step()``.
+
     Args:
         threshold: T, the cumulative normalised importance the kept layers must reach (paper: 0.9).
         sample_steps: length of the sampling phase in optimizer steps. ``None``: use
