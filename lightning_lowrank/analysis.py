@@ -63,7 +63,8 @@ def left_singular_vectors(w: Tensor, dtype: torch.dtype = torch.float64) -> tupl
 
 
 def top_left_singular_vectors(w: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The top ``k`` left singular vectors and singular values of ``w``, in float64.
+    """The top ``k`` left singular vectors and singular values of ``w``, in float64 (``k`` may be
+    ``min(w.shape)``: all of them).
 
     Through the eigendecomposition of the smaller Gram matrix (``W W^T`` or ``W^T W``, then
     ``u = W v / sigma``) instead of a full SVD: about ten times faster on MiniLM's layers, which
@@ -120,7 +121,7 @@ def intruder_dimensions(w0: Tensor, w: Tensor, k: int = 10, epsilon: float = 0.5
         raise ValueError(f"k must be >= 1, got {k}")
     if not 0.0 < epsilon <= 1.0:
         raise ValueError(f"epsilon must be in (0, 1], got {epsilon}")
-    u0, _ = left_singular_vectors(w0)
+    u0, _ = top_left_singular_vectors(w0, min(w0.shape))
     sims, top = intruder_similarities(u0, w, k)
     return classify_intruders(sims, top, epsilon)
 

@@ -29,7 +29,7 @@ from lightning_lowrank.analysis import (
     classify_intruders,
     effective_rank,
     intruder_similarities,
-    left_singular_vectors,
+    top_left_singular_vectors,
 )
 from lightning_lowrank.inject import adapter_layers
 
@@ -81,7 +81,7 @@ class AdapterMonitor(Callback):
         for name, layer in layers.items():
             if name not in self._u0:  # kept across fits: always the spectrum of the first W0
                 w0, _ = adapted_weights(layer)
-                self._u0[name] = left_singular_vectors(w0)[0]
+                self._u0[name] = top_left_singular_vectors(w0, min(w0.shape))[0]
         self._last_step = trainer.global_step
 
     @override
@@ -126,7 +126,7 @@ class AdapterMonitor(Callback):
             w0, w = adapted_weights(layer)
             u0 = self._u0.get(name)
             if u0 is None:
-                u0 = self._u0[name] = left_singular_vectors(w0)[0]
+                u0 = self._u0[name] = top_left_singular_vectors(w0, min(w0.shape))[0]
             sims, top = intruder_similarities(u0, w, self.k)
             counts[name] = classify_intruders(sims, top, self.epsilon).count
             if self.effective_ranks:
