@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+NOT_MEASURED = "Not measured in this run."
+
 
 def _ratio(d: dict[str, Any] | None) -> str:
     if not d:
@@ -116,14 +118,14 @@ def markdown_report(res: dict[str, Any]) -> str:
             "",
             "### Peak training memory",
             "",
-            memory_table(res),
+            memory_table(res) if "memory" in res else NOT_MEASURED,
             "",
             "### Inference, merged and unmerged",
             "",
-            inference_table(res),
+            inference_table(res) if "inference" in res else NOT_MEASURED,
             "",
             "### Callback overhead",
             "",
-            callback_table(res),
+            callback_table(res) if "callback" in res else NOT_MEASURED,
         ]
     )

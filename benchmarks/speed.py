@@ -22,8 +22,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -219,46 +217,36 @@ def bench_callback(base, batch, reps: int, steps: int) -> dict:
 
 
 def bench_memory(entries) -> dict:
-    variants = ["floor"]
-    for e in entries:
-        variants.append(f"{e.name}:ours")
-        if e.peft is not None:
-            variants.append(f"{e.name}:peft")
+    from benchmarks.memory import _run_variant, memory_block
+
+    names = {e.name for e in entries}
+    variants = ["floor"] + [
+        f"{e.name}:{lib}" for e in entries for lib in ("ours", "peft") if lib == "ours" or e.peft
+    ]
     log(f"memory: {len(variants)} variants, one fresh process each")
     raw = {}
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     for v in variants:
-        proc = subprocess.run(
-            [sys.executable, "-m", "benchmarks.memory", v],
-            capture_output=True,
-            text=True,
-            env=env,
-            check=False,
-        )
-        if proc.returncode != 0:
-            log(f"  {v}: failed\n{proc.stderr[-2000:]}")
-            continue
-        raw[v] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_mib"]
-        log(f"  {v}: {raw[v]:.0f} MiB")
-    out: dict[str, Any] = {
-        "how": "peak RSS increase during 3 training steps over the RSS after building the model, "
-        "in a fresh process per variant (Linux VmHWM reset through /proc/self/clear_refs)",
-        "floor_mib": raw.get("floor"),
-        "methods": {},
-    }
-    for e in entries:
-        out["methods"][e.name] = {"ours_mib": raw.get(f"{e.name}:ours")}
-        if e.peft is not None:
-            out["methods"][e.name]["peft_mib"] = raw.get(f"{e.name}:peft")
-    return out
+        result = _run_variant(v)
+        if result is not None:
+            raw[v] = result["peak_mib"]
+            log(f"  {v}: {raw[v]:.0f} MiB")
+    block = memory_block(raw)
+    block["methods"] = {k: v for k, v in block["methods"].items() if k in names}
+    return block
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=7, help="interleaved rounds")
+    parser.add_argument("--reps", type=int, default=5, help="interleaved rounds")
     parser.add_argument("--steps", type=int, default=2, help="steps per variant per round")
     parser.add_argument("--quick", action="store_true", help="2 rounds of 1 step: a smoke run")
     parser.add_argument("--methods", nargs="*", help="only these methods (default: all)")
+    parser.add_argument(
+        "--phases",
+        nargs="*",
+        default=["inference", "callback", "memory"],
+        help="phases after the training-step one (memory can also run alone: benchmarks.memory)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.quick:
@@ -279,18 +267,11 @@ def main(argv: list[str] | None = None) -> dict:
             log(f"skipping {e.name}: {why}")
     base = load_base()
     batch = make_batch()
-
-    training, ours_models = bench_training(base, batch, entries, args.reps, args.steps)
-    inference = bench_inference(base, batch, ours_models, args.reps, max(args.steps, 2))
-    del ours_models
-    callback = bench_callback(base, batch, max(3, args.reps // 2), max(3, args.steps + 2))
-    memory = bench_memory(entries)
-
     import lightning
     import peft
     import transformers
 
-    results = {
+    results: dict[str, Any] = {
         "meta": {
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads 1",
@@ -315,15 +296,32 @@ def main(argv: list[str] | None = None) -> dict:
             "wall_seconds": None,
         },
         "targets": TARGETS,
-        "training": training,
-        "inference": inference,
-        "callback": callback,
-        "memory": memory,
     }
-    results["meta"]["wall_seconds"] = round(time.perf_counter() - started, 1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "speed.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "speed.md").write_text(markdown_report(results) + "\n")
+
+    def write() -> None:
+        # after every phase, so an interrupted run still leaves what it measured
+        results["meta"]["wall_seconds"] = round(time.perf_counter() - started, 1)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "speed.json").write_text(json.dumps(results, indent=2) + "\n")
+        (args.out / "speed.md").write_text(markdown_report(results) + "\n")
+
+    phases = set(args.phases)
+    results["training"], ours_models = bench_training(base, batch, entries, args.reps, args.steps)
+    write()
+    if "inference" in phases:
+        results["inference"] = bench_inference(
+            base, batch, ours_models, args.reps, max(args.steps, 2)
+        )
+        write()
+    del ours_models
+    if "callback" in phases:
+        results["callback"] = bench_callback(
+            base, batch, max(3, args.reps // 2), max(3, args.steps + 2)
+        )
+        write()
+    if "memory" in phases:
+        results["memory"] = bench_memory(entries)
+        write()
     log(markdown_report(results))
     log(f"wrote {args.out / 'speed.json'} and speed.md in {results['meta']['wall_seconds']} s")
     return results

@@ -198,10 +198,14 @@ class AdapterLayer(nn.Module):
         out = self.base(x, *args, **kwargs)
         if self.merged:
             return out
-        out = out + self.adapter_forward(x).to(out.dtype)
+        out = self.add_adapter_output(x, out)
         if self.extension is not None:
             out = self.extension.add_output(self, x, out)
         return out
+
+    def add_adapter_output(self, x: Tensor, out: Tensor) -> Tensor:
+        """``out + adapter_forward(x)``; a method may override it to fuse the add (LoRA does)."""
+        return out + self.adapter_forward(x).to(out.dtype)
 
     def merged_delta(self) -> Tensor:
         """What :meth:`merge` adds to the base weight: ``delta_weight()`` plus the extension's
