@@ -44,15 +44,20 @@ def minilm_path() -> Path:
 
 @contextmanager
 def _quiet_transformers():
-    """Silence transformers' "newly initialised weights" notes (the new head is intended)."""
+    """Silence transformers' "newly initialised weights" notes (the new head is intended) and its
+    weight-loading progress bars (noise in notebook outputs)."""
     from transformers.utils import logging
 
     level = logging.get_verbosity()
+    bars = logging.is_progress_bar_enabled()
     logging.set_verbosity_error()
+    logging.disable_progress_bar()
     try:
         yield
     finally:
         logging.set_verbosity(level)
+        if bars:
+            logging.enable_progress_bar()
 
 
 def load_minilm_tokenizer() -> Any:
