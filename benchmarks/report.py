@@ -54,7 +54,9 @@ def memory_table(res: dict[str, Any]) -> str:
     mem = res["memory"]
     floor = mem.get("floor_mib")
     lines = [
-        f"Measured as the {mem['how']}. Floor: "
+        f"Measured as the {mem['how']}"
+        + (f"; {mem['separate_run']}" if mem.get("separate_run") else "")
+        + ". Floor: "
         + (f"{floor:.0f} MiB." if floor is not None else "not measured."),
         "",
         "| method | ours MiB | PEFT MiB | ours <= PEFT |",
