@@ -41,7 +41,7 @@ unit: $(VENV)/.all-installed fortunes
 	$(BIN)/python -m pytest -q tests
 
 notebooks: $(VENV)/.all-installed fortunes
-	LOWRANK_SMOKE=1 $(BIN)/python -m pytest -q --nbval-lax tutorials
+	LOWRANK_SMOKE=1 $(BIN)/python -m pytest -q --nbval-lax --durations=0 tutorials
 
 docs: $(VENV)/.all-installed
 	$(BIN)/mkdocs build --strict --site-dir site
