@@ -242,7 +242,7 @@ def _write(study: Study, records: list[dict[str, Any]], command: str, device: st
     doc = {
         "study": study.title,
         "command": command,
-        "device": device,
+        "device": ", ".join(sorted({r["device"] for r in records if r.get("device")})) or device,
         **study.meta,
         "runs": records,
     }
@@ -274,7 +274,9 @@ def main(argv: list[str] | None = None, studies: Iterable[str] = STUDIES) -> Non
     todo: list[tuple[str, dict[str, Any]]] = []
     per_study: dict[str, list[dict[str, Any]]] = {}
     for name, study in loaded.items():
-        old = json.loads(study.path.read_text())["runs"] if study.path.exists() else []
+        doc = json.loads(study.path.read_text()) if study.path.exists() else {"runs": []}
+        # each run records what it ran on (a study may be completed on another machine)
+        old = [{"device": doc.get("device"), **r} for r in doc["runs"]]
         records[name] = old
         done = {tuple(r.get(k) for k in study.key) for r in old}
         per_study[name] = [
@@ -291,6 +293,7 @@ def main(argv: list[str] | None = None, studies: Iterable[str] = STUDIES) -> Non
     command = "python -m benchmarks.study " + " ".join(sys.argv[1:] if argv is None else argv)
 
     def merge(name: str, rec: dict[str, Any]) -> None:
+        rec["device"] = device
         key = loaded[name].key
         ident = tuple(rec.get(k) for k in key)
         records[name] = [r for r in records[name] if tuple(r.get(k) for k in key) != ident]

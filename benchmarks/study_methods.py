@@ -60,7 +60,7 @@ def run(task: dict[str, Any]) -> dict[str, Any]:
             return {}
         return {
             "adapter_parameters": stored_adapter_parameters(
-                model, truncate=name.startswith("AdaLoRA")
+                module, truncate=name.startswith("AdaLoRA")
             )
         }
 

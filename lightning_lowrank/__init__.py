@@ -28,6 +28,7 @@ from lightning_lowrank.optim import lora_plus_param_groups, split_optimizer
 from lightning_lowrank.peft import export_peft, import_peft
 from lightning_lowrank.pretrain import sltrain_pretrain
 from lightning_lowrank.schedules import DeltaLoRA, LoRADrop, RankAllocator, Schedule
+from lightning_lowrank.sharing import retie_shared
 
 __version__ = "0.1.0"
 
@@ -57,6 +58,7 @@ __all__ = [
     "lora_plus_param_groups",
     "merge",
     "read_adapter",
+    "retie_shared",
     "save_adapter",
     "set_step",
     "sltrain_pretrain",

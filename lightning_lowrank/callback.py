@@ -7,6 +7,8 @@ The callback is a thin Lightning layer over ``inject``, ``optim`` and ``schedule
   ``configure_optimizers`` runs;
 - ``on_fit_start``: splits the optimizer into LoRA+ groups when ``lr_ratio`` is set (before any
   optimizer state is restored, so resumed states line up);
+- ``on_fit_start`` and ``teardown``: re-tie LoRA-drop's shared adapters after the device moves
+  Lightning makes (to the GPU at the start, back to the CPU at the end), which untie storage;
 - once per optimizer step (never per micro-batch): tells every layer the step count (SingLoRA's
   ramp) and runs the scheduled methods;
 - checkpoints: adapter-only by default (frozen base weights are dropped; loading is non-strict for
@@ -31,6 +33,7 @@ from lightning_lowrank.inject import adapter_layers, inject, trainable_parameter
 from lightning_lowrank.methods.base import AdapterConfig, AdapterLayer
 from lightning_lowrank.optim import split_optimizer
 from lightning_lowrank.schedules import Schedule, default_schedules
+from lightning_lowrank.sharing import retie_shared
 
 
 class LowRankCallback(Callback):
@@ -126,6 +129,9 @@ class LowRankCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the strategy has moved the module to its device, which unties LoRA-drop's shared
+        # adapters if a previous fit already shared them
+        retie_shared(pl_module)
         if self.lr_ratio is None:
             return
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
@@ -194,6 +200,12 @@ class LowRankCallback(Callback):
                 continue  # a schedule changes this base weight (Delta-LoRA)
             drop.add(name)
         return drop
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Lightning has just moved the module back to the CPU (after a GPU run)
+        if self._module is pl_module:
+            retie_shared(pl_module)
 
     @override
     def on_save_checkpoint(

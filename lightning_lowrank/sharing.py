@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 from lightning_lowrank.methods.base import AdapterLayer
@@ -25,11 +26,26 @@ def stored_layers(layers: dict[str, AdapterLayer]) -> dict[str, AdapterLayer]:
     return {n: la for n, la in layers.items() if not getattr(la, "dropped", False)}
 
 
+def _resolve_host(layers: dict[str, AdapterLayer], member: str) -> str | None:
+    """The name, among ``layers``, of the host that ``layers[member].shared_with`` names.
+
+    ``shared_with`` was recorded relative to the root the layers had when they were tied (the
+    LightningModule, say); ``layers`` may be named relative to another root (its ``.model``)."""
+    wanted = layers[member].shared_with
+    assert wanted is not None
+    found = [
+        n for n in layers if n == wanted or wanted.endswith("." + n) or n.endswith("." + wanted)
+    ]
+    return found[0] if len(found) == 1 else None
+
+
 def shared_map(layers: dict[str, AdapterLayer]) -> dict[str, str]:
     """``{member: host}`` for every layer that uses another layer's adapter parameters.
 
-    Hosts are found by storage, not by the name in ``shared_with``, so the map is right for any
-    root module (``save_adapter(pl_module.model, ...)`` names layers relative to ``model``)."""
+    Hosts are found by storage, so the map is right for any root module
+    (``save_adapter(pl_module.model, ...)`` names layers relative to ``model``). Where a device or
+    dtype move has untied the storage (see :func:`retie_shared`), the host is found by name and
+    must still hold the same values."""
     hosts: dict[int, str] = {}
     for name, layer in layers.items():
         if not getattr(layer, "shared_with", None):
@@ -40,12 +56,65 @@ def shared_map(layers: dict[str, AdapterLayer]) -> dict[str, str]:
         if getattr(layer, "shared_with", None):
             found = {hosts.get(p.data_ptr()) for p in _adapter_params(layer).values()}
             if len(found) != 1 or None in found:
-                raise ValueError(
-                    f"layer {name!r} shares its adapter with {layer.shared_with!r}, which is not "
-                    "among the layers being saved: save the module that holds both"
-                )
+                host = _resolve_host(layers, name)
+                if host is None:
+                    raise ValueError(
+                        f"layer {name!r} shares its adapter with {layer.shared_with!r}, which is "
+                        "not among the layers being saved: save the module that holds both"
+                    )
+                _check_untied_equal(layers, name, host)
+                found = {host}
             shared[name] = found.pop()
     return shared
+
+
+def _check_untied_equal(layers: dict[str, AdapterLayer], member: str, host: str) -> None:
+    mine, theirs = _adapter_params(layers[member]), _adapter_params(layers[host])
+    for pname, p in mine.items():
+        if not torch.equal(p.detach().cpu(), theirs[pname].detach().cpu()):
+            raise ValueError(
+                f"layer {member!r} should share its adapter with {host!r}, but the two now hold "
+                f"different values of {pname!r}: the model was moved to another device or dtype "
+                "(which unties shared storage) and then trained. Call retie_shared(model) after "
+                "every such move; LowRankCallback does it for the moves Lightning makes."
+            )
+
+
+def retie_shared(model: nn.Module) -> int:
+    """Tie every shared adapter (LoRA-drop) back to its host's storage.
+
+    LoRA-drop ties a member's adapter parameters to the host's with ``param.data = host.data``,
+    keeping the ``Parameter`` objects that the optimizer and DDP already hold. ``Module.to()``,
+    ``.cuda()``, ``.cpu()``, ``.double()`` convert each ``Parameter`` on its own, which unties them:
+    each layer would then train its own copy. This re-points the members at the host's new storage
+    (the values are equal right after a move; if they differ, the model was trained untied and a
+    ``ValueError`` says so).
+
+    Returns:
+        How many layers were re-tied.
+    """
+    from lightning_lowrank.inject import adapter_layers
+
+    layers = adapter_layers(model)
+    count = 0
+    for name, layer in layers.items():
+        if not getattr(layer, "shared_with", None):
+            continue
+        host = _resolve_host(layers, name)
+        if host is None:
+            raise ValueError(
+                f"layer {name!r} shares its adapter with {layer.shared_with!r}, which is not in "
+                "this model: call retie_shared on the module that holds both"
+            )
+        theirs = _adapter_params(layers[host])
+        mine = _adapter_params(layer)
+        if all(p.data_ptr() == theirs[n].data_ptr() for n, p in mine.items()):
+            continue
+        _check_untied_equal(layers, name, host)
+        for pname, p in mine.items():
+            p.data = theirs[pname].data
+        count += 1
+    return count
 
 
 def stored_state(state: dict[str, Tensor], layers: dict[str, AdapterLayer]) -> dict[str, Tensor]:

@@ -20,6 +20,7 @@ from lightning_lowrank import (
     adapter_state_dict,
     inject,
     load_adapter,
+    retie_shared,
     save_adapter,
     trainable_parameter_count,
 )
@@ -441,3 +442,80 @@ def test_ddp_ranks_agree_on_selection_and_adapters(tmp_path, mode):
     assert a["importance"] == b["importance"]
     for key in a["state"]:
         torch.testing.assert_close(a["state"][key], b["state"][key], rtol=0, atol=0)
+
+
+# --- device and dtype moves --------------------------------------------------------------------
+def _tied(layers, members=("blocks.2", "blocks.3"), host="blocks.1") -> bool:
+    theirs = adapter_parameters(layers[host])
+    return all(
+        p.data_ptr() == theirs[n].data_ptr()
+        for m in members
+        for n, p in adapter_parameters(layers[m]).items()
+    )
+
+
+def test_a_move_unties_shared_storage_and_retie_restores_it(tmp_path):
+    model, layers, schedule = _switched()
+    schedule.switch()
+    assert _tied(layers)
+    model.double()  # converts every Parameter on its own, as .to(device) / .cuda() / .cpu() do
+    assert not _tied(layers)
+    # saving still finds the host (by name: the values are still equal) and stores it once
+    path = save_adapter(model, tmp_path / "moved.safetensors")
+    fresh = Stack().double()
+    load_adapter(fresh, path)
+    x = torch.randn(4, 8, dtype=torch.float64)
+    torch.testing.assert_close(fresh.eval()(x), model.eval()(x), rtol=0, atol=0)
+
+    assert retie_shared(model) == 2
+    assert _tied(layers) and retie_shared(model) == 0
+    # tied again: one update of the host is seen by every member
+    with torch.no_grad():
+        adapter_parameters(layers["blocks.1"])["lora_B"].add_(1.0)
+    torch.testing.assert_close(layers["blocks.3"].delta_weight(), layers["blocks.1"].delta_weight())
+
+
+def test_untied_copies_that_diverged_are_an_error(tmp_path):
+    model, layers, schedule = _switched()
+    schedule.switch()
+    model.double()
+    with torch.no_grad():  # as if one untied copy had been trained on its own
+        adapter_parameters(layers["blocks.3"])["lora_A"].add_(0.1)
+    with pytest.raises(ValueError, match="different values of 'lora_A'.*retie_shared"):
+        save_adapter(model, tmp_path / "diverged.safetensors")
+    with pytest.raises(ValueError, match="different values"):
+        retie_shared(model)
+
+
+@pytest.mark.slow
+def test_a_second_fit_after_a_move_trains_the_shared_adapter_as_one():
+    module = StackModule()
+    cb = LowRankCallback(
+        LoRA(rank=2),
+        target_modules=[f"blocks.{i}" for i in range(4)] + ["head"],
+        schedules=[LoRADrop(threshold=0.6, sample_steps=3, log_table=False)],
+    )
+
+    def fit(steps: int, **kwargs) -> None:
+        L.Trainer(
+            max_steps=steps,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[cb],
+            **kwargs,
+        ).fit(module)
+
+    fit(6)
+    layers = adapter_layers(module)
+    members = {n: la.shared_with for n, la in layers.items() if la.shared_with}
+    assert members
+    module.double()  # unties, as Lightning's move to a GPU at the start of a fit would
+    assert retie_shared(module) > 0  # (it was untied) ...
+    module.double().float()  # ... and untie once more for the fit below
+    fit(3, precision="32-true")
+    for m, host in members.items():  # re-tied in on_fit_start: the updates went to one storage
+        for pname, p in adapter_parameters(layers[m]).items():
+            assert p.data_ptr() == adapter_parameters(layers[host])[pname].data_ptr()
