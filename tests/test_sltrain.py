@@ -233,3 +233,27 @@ def test_zero_density_is_pure_low_rank():
     x = torch.randn(3, 6, dtype=torch.float64)
     dw = layer.scale * layer.lora_B.detach() @ layer.lora_A.detach()
     torch.testing.assert_close(layer(x), x @ (base.weight + dw).T + base.bias)
+
+
+def test_pure_low_rank_pretraining_is_not_stuck_at_zero():
+    """Density 0 in pre-training: B = 0 would make every weight 0, and two stacked zero layers
+    pass each other no gradient, so nothing would ever train. B starts random instead, with
+    s * B @ A at nn.Linear's entry variance 1/(3 in)."""
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64)).double()
+    sltrain_pretrain(model, rank=32, alpha=8.0, density=0.0)
+    layers = list(adapter_layers(model).values())
+    x = torch.randn(16, 64, dtype=torch.float64)
+    model(x).pow(2).sum().backward()
+    for layer in layers:
+        assert layer.nnz == 0
+        assert layer.lora_A.grad.abs().max() > 0 and layer.lora_B.grad.abs().max() > 0
+    first = layers[0]
+    w = (first.scale * first.lora_B @ first.lora_A).detach()
+    # the entries' variance is 1/(3 * 64); 16,384 samples put the estimate within about 2 %
+    # (the entries are not independent, hence the looser 15 %)
+    assert abs(w.var().item() * 3 * 64 - 1.0) < 0.15
+    # with a sparse part, B starts at zero as the paper says
+    sparse = nn.Sequential(nn.Linear(8, 8))
+    sltrain_pretrain(sparse, rank=2, density=0.1)
+    assert torch.equal(sparse[0].lora_B, torch.zeros(8, 2))

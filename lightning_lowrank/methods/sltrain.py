@@ -7,7 +7,9 @@
 ``S`` has a fixed random support of ``nnz = round(density * out * in)`` entries, drawn once per
 layer from ``seed`` and the layer's name (never stored: regenerated, and checked against a
 fingerprint kept in the adapter file's layer metadata). Only its values train: initialised to 0 as
-an adapter and to ``U(-1/sqrt(in), 1/sqrt(in))`` for pre-training.
+an adapter and to ``U(-1/sqrt(in), 1/sqrt(in))`` for pre-training. Pure low-rank pre-training
+(density 0) starts ``B`` random rather than zero: with no sparse part, ``B = 0`` is a stationary
+point (every weight is zero, and stacked zero layers pass no gradient).
 
 No sparse kernels: ``x @ S.T`` scatters the values into a dense ``(out, in)`` temporary for one
 matmul, and the values' gradient is the dense weight gradient ``grad_y.T @ x`` gathered at the
@@ -175,6 +177,15 @@ class SLTrainLayer(AdapterLayer):
         if self.pretrain:
             bound = 1.0 / math.sqrt(self.in_features)
             nn.init.uniform_(self.sparse_values, -bound, bound)
+            if self.nnz == 0:
+                # pure low-rank pre-training (the paper's low-rank baseline): with B = 0 and no
+                # sparse part every weight is 0, and two zero layers in a row (an MLP's up and
+                # down projections, attention's value and output) pass each other no gradient, so
+                # B would never move. B starts as a Kaiming-uniform draw instead (variance
+                # 1/(3r)), times sqrt(3)/s so that s * B @ A has the entry variance of nn.Linear's
+                # default initialisation, 1/(3 in).
+                with torch.no_grad():
+                    kaiming_uniform_(self.lora_B).mul_(math.sqrt(3.0) / self.scale)
             # the dense weight stops being a parameter: no storage, gradient or optimizer state
             del base._parameters["weight"]
 
