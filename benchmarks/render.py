@@ -98,7 +98,8 @@ def render_benchmarks() -> str | None:
             "- AdaLoRA: the few benchmark steps lie inside the warm-up `t_init`, where both "
             "libraries update the importance scores after every step but do not mask: the cost "
             "of most steps of a run.",
-            "- The reproduction study (accuracy and intruder dimensions) is on "
+            "- The reproduction study (intruder dimensions, SingLoRA, LoRA+, AdaLoRA, LoRA-drop, "
+            "Delta-LoRA and SLTrain pre-training against their papers' claims) is on "
             "[its own page](study.md).",
         ]
     )
