@@ -32,6 +32,14 @@ def spread(xs: Sequence[float], digits: int = 3) -> str:
     return f"{mean(xs):.{digits}g} ({min(xs):.{digits}g}-{max(xs):.{digits}g}, {len(xs)} seeds)"
 
 
+def spread_int(xs: Sequence[int]) -> str:
+    if not xs:
+        return "-"
+    if min(xs) == max(xs):
+        return f"{xs[0]:,} ({len(xs)} seed{'s' if len(xs) > 1 else ''})"
+    return f"{mean(xs):,.0f} ({min(xs):,}-{max(xs):,}, {len(xs)} seeds)"
+
+
 def compare(a: Sequence[float], b: Sequence[float], higher_is_better: bool = True) -> str:
     """How ``a`` compares with ``b`` given the seeds: "better"/"worse" only when the two ranges
     of values do not overlap, else "within the seed spread"."""
@@ -413,7 +421,7 @@ def methods_section(study: dict[str, Any]) -> list[str]:
         where = ", ".join(sorted({r.get("device") or study["device"] for r in rs}))
         lines.append(
             f"| {c} | {spread([r['val_acc'] for r in rs])} | {spread(acc[c])} | "
-            f"{spread([float(p) for p in params[c]], 6) if params[c] else '-'} | "
+            f"{spread_int(params[c])} | "
             f"{spread(peak, 4) if peak else '-'} | {where} |"
         )
     lines += [

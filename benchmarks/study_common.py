@@ -74,11 +74,11 @@ class Study:
         return RESULTS_DIR / ("quick" if quick() else "") / f"study_{self.name}.json"
 
 
-def device_name(accelerator: str) -> str:
+def device_name(accelerator: str, threads: int) -> str:
     """What the runs ran on, for the result files."""
     if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    return f"CPU ({torch.get_num_threads()} threads)"
+    return f"CPU ({threads} thread{'s' if threads > 1 else ''} per run)"
 
 
 class _History:
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None, studies: Iterable[str] = STUDIES) -> Non
         for name in args.studies:
             todo += [(name, t) for t in per_study[name] if t["seed"] == seed]
     print(f"{len(todo)} runs to do, {args.jobs} at a time, {threads} threads each", flush=True)
-    device = device_name(args.accelerator)
+    device = device_name(args.accelerator, threads)
     command = "python -m benchmarks.study " + " ".join(sys.argv[1:] if argv is None else argv)
 
     def merge(name: str, rec: dict[str, Any]) -> None:
