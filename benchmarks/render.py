@@ -87,10 +87,14 @@ def render_benchmarks() -> str | None:
             "",
             "## Reading the numbers",
             "",
-            "- Timings were taken on a machine shared with other jobs. They count the CPU time of "
-            "the benchmark process (torch on one thread), which excludes the time spent waiting "
-            "for a core but not the cache and memory-bandwidth contention; the (min-max) spread "
-            "of the per-round ratios shows how noisy a run was. Compare ratios, not seconds.",
+            "- Timings count the CPU time of the benchmark process (torch on one thread), which "
+            "excludes the time spent waiting for a core but not the cache and memory-bandwidth "
+            "contention of other jobs on the machine; the (min-max) spread of the per-round ratios "
+            "shows how noisy a run was. Compare ratios, not seconds.",
+            "- VeRA at r = 256 is slow in both libraries: its two shared projections make each "
+            "adapted layer multiply every token by a 256-wide matrix twice in the forward and "
+            "twice in the backward, more work than the base layer's own matmul on MiniLM's "
+            "384-wide attention layers.",
             "- The PEFT column is measured in the same run, with the same configuration; the "
             "targets were set from an earlier PEFT measurement, quoted next to them.",
             "- SingLoRA has no PEFT implementation (PEFT "
