@@ -63,6 +63,11 @@ def devices(study: dict[str, Any]) -> str:
     return " and ".join(found)
 
 
+def knobs(d: dict[str, Any]) -> str:
+    """``{"rank": 8, "lr": 0.001}`` as ``rank 8, lr 0.001``."""
+    return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in d.items())
+
+
 def rerun(name: str) -> str:
     return f"`python -m benchmarks.study --studies {name} --jobs 4`"
 
@@ -402,8 +407,9 @@ def methods_section(study: dict[str, Any]) -> list[str]:
         study,
         "methods",
         f"MiniLM on Debian fortunes topics, {study['steps']} steps, batch {study['batch_size']}, "
-        f"learning rate {study['lr']:g} for every method, 36 encoder layers. AdaLoRA "
-        f"{study['adalora']}; LoRA-drop {study['lora_drop']}; Delta-LoRA {study['delta_lora']}. "
+        f"learning rate {study['lr']:g} for every method, 36 encoder layers. AdaLoRA: "
+        f"{knobs(study['adalora'])}; LoRA-drop: {knobs(study['lora_drop'])}; Delta-LoRA: "
+        f"{knobs(study['delta_lora'])}. "
         "'Adapter parameters' counts what the saved adapter file holds (AdaLoRA truncated to its "
         "kept rank slots; LoRA-drop's shared adapters once).",
     )
@@ -496,8 +502,8 @@ def sltrain_section(study: dict[str, Any]) -> list[str]:
         f"sequences of {m['seq']} bytes) pre-trained from scratch on the BBC News articles "
         f"(90 % of the articles; the held-out 10 % give the perplexity), {study['steps']} steps "
         f"of batch {study['batch_size']}, AdamW with warm-up and cosine decay. Rank "
-        f"{study['rank']}, sparse density {study['density']}, learning rates "
-        f"{study['learning_rates']}. Peak memory is the GPU allocator's peak over the run "
+        f"{study['rank']}, sparse density {study['density']}, learning rates: "
+        f"{knobs(study['learning_rates'])}. Peak memory is the GPU allocator's peak over the run "
         "(model, gradients, AdamW state, activations).",
     )
     lines += [
