@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -72,13 +73,33 @@ def rerun(name: str) -> str:
     return f"`python -m benchmarks.study --studies {name} --jobs 4`"
 
 
-def _plt():
+@contextmanager
+def figure(
+    path: Path, xlabel: str, ylabel: str, title: str, size: tuple[float, float] = (6, 3.6)
+) -> Iterator[Any]:
+    """An axes to draw on; labelled, given a legend and saved to ``path`` on leaving."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt
+    fig, ax = plt.subplots(figsize=size)
+    try:
+        yield ax
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+
+
+def mean_curve(runs: Runs, curve: str) -> tuple[list[int], list[float]]:
+    """The steps of ``runs[i][curve]`` and the validation loss at each, averaged over runs."""
+    steps = [p["step"] for p in runs[0][curve]]
+    return steps, [mean([r[curve][i]["val_loss"] for r in runs]) for i in range(len(steps))]
 
 
 def load(name: str) -> dict[str, Any] | None:
@@ -98,22 +119,21 @@ def header(title: str, study: dict[str, Any], name: str, setting: str) -> list[s
 
 # --- intruder dimensions -----------------------------------------------------------------------
 def plot_intruders(study: dict[str, Any], path: Path) -> None:
-    plt = _plt()
     eps = [str(e) for e in study["epsilons"]]
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for config in configs(study["runs"]):
-        runs = pick(study["runs"], config=config)
-        per_eps = [[r["intruders_by_epsilon"][e] / r["layers"] for r in runs] for e in eps]
-        x = [float(e) for e in eps]
-        ax.plot(x, [mean(v) for v in per_eps], marker="o", label=f"{config} ({len(runs)} seeds)")
-        ax.fill_between(x, [min(v) for v in per_eps], [max(v) for v in per_eps], alpha=0.2)
-    ax.set_xlabel("epsilon (similarity threshold)")
-    ax.set_ylabel("intruders per layer (k = 10)")
-    ax.set_title("MiniLM on BBC News: intruder dimensions")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(
+        path,
+        "epsilon (similarity threshold)",
+        "intruders per layer (k = 10)",
+        "MiniLM on BBC News: intruder dimensions",
+    ) as ax:
+        for config in configs(study["runs"]):
+            runs = pick(study["runs"], config=config)
+            per_eps = [[r["intruders_by_epsilon"][e] / r["layers"] for r in runs] for e in eps]
+            x = [float(e) for e in eps]
+            ax.plot(
+                x, [mean(v) for v in per_eps], marker="o", label=f"{config} ({len(runs)} seeds)"
+            )
+            ax.fill_between(x, [min(v) for v in per_eps], [max(v) for v in per_eps], alpha=0.2)
 
 
 def intruder_section(study: dict[str, Any]) -> list[str]:
@@ -214,22 +234,19 @@ def majority_share() -> float:
 
 
 def plot_singlora(study: dict[str, Any], path: Path) -> None:
-    plt = _plt()
     runs = study["runs"]
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for c in configs(runs):
-        lrs = sorted({r["lr"] for r in pick(runs, config=c)})
-        accs = [[r["val_acc"] for r in pick(runs, config=c, lr=lr)] for lr in lrs]
-        ax.plot(lrs, [mean(a) for a in accs], marker="o", label=c)
-        ax.fill_between(lrs, [min(a) for a in accs], [max(a) for a in accs], alpha=0.2)
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("validation accuracy")
-    ax.set_title("MiniLM on fortunes topics (band: min-max over seeds)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(
+        path,
+        "learning rate",
+        "validation accuracy",
+        "MiniLM on fortunes topics (band: min-max over seeds)",
+    ) as ax:
+        for c in configs(runs):
+            lrs = sorted({r["lr"] for r in pick(runs, config=c)})
+            accs = [[r["val_acc"] for r in pick(runs, config=c, lr=lr)] for lr in lrs]
+            ax.plot(lrs, [mean(a) for a in accs], marker="o", label=c)
+            ax.fill_between(lrs, [min(a) for a in accs], [max(a) for a in accs], alpha=0.2)
+        ax.set_xscale("log")
 
 
 def singlora_section(study: dict[str, Any]) -> list[str]:
@@ -317,24 +334,19 @@ def steps_to(history: list[dict[str, float]], target: float) -> int | None:
 
 
 def plot_loraplus(study: dict[str, Any], path: Path) -> None:
-    plt = _plt()
     runs = study["runs"]
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    for lr in sorted({r["lr"] for r in runs}):
-        for c in configs(runs):
-            rs = pick(runs, config=c, lr=lr)
-            if not rs:
-                continue
-            steps = [h["step"] for h in rs[0]["history"]]
-            losses = [mean([r["history"][i]["val_loss"] for r in rs]) for i in range(len(steps))]
-            ax.plot(steps, losses, marker=".", label=f"{c}, lr {lr:g}")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("validation loss (mean over seeds)")
-    ax.set_title("LoRA+ (B side 16x) vs LoRA, MiniLM on fortunes topics")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(
+        path,
+        "optimizer step",
+        "validation loss (mean over seeds)",
+        "LoRA+ (B side 16x) vs LoRA, MiniLM on fortunes topics",
+        size=(6.5, 3.8),
+    ) as ax:
+        for lr in sorted({r["lr"] for r in runs}):
+            for c in configs(runs):
+                rs = pick(runs, config=c, lr=lr)
+                if rs:
+                    ax.plot(*mean_curve(rs, "history"), marker=".", label=f"{c}, lr {lr:g}")
 
 
 def loraplus_section(study: dict[str, Any]) -> list[str]:
@@ -473,21 +485,17 @@ def methods_section(study: dict[str, Any]) -> list[str]:
 
 # --- SLTrain -----------------------------------------------------------------------------------
 def plot_sltrain(study: dict[str, Any], path: Path) -> None:
-    plt = _plt()
     runs = study["runs"]
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for c in configs(runs):
-        rs = pick(runs, config=c)
-        steps = [p["step"] for p in rs[0]["curve"]]
-        losses = [mean([r["curve"][i]["val_loss"] for r in rs]) for i in range(len(steps))]
-        ax.plot(steps, losses, marker=".", label=f"{c} ({rs[0]['trainable'] / 1e6:.2f}M trained)")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("held-out loss (nats per byte)")
-    ax.set_title("Byte-level Llama pre-trained on BBC News text")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(
+        path,
+        "optimizer step",
+        "held-out loss (nats per byte)",
+        "Byte-level Llama pre-trained on BBC News text",
+    ) as ax:
+        for c in configs(runs):
+            rs = pick(runs, config=c)
+            label = f"{c} ({rs[0]['trainable'] / 1e6:.2f}M trained)"
+            ax.plot(*mean_curve(rs, "curve"), marker=".", label=label)
 
 
 def sltrain_section(study: dict[str, Any]) -> list[str]:
