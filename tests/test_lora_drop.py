@@ -350,15 +350,16 @@ class StackModule(L.LightningModule):
         return DataLoader(TensorDataset(x, y), batch_size=self.batch_size)
 
 
-def _fit(max_steps, ckpt_path=None, save=None, **drop_kwargs):
-    module = StackModule()
-    schedule = LoRADrop(threshold=0.6, sample_steps=3, log_table=False, **drop_kwargs)
-    cb = LowRankCallback(
+def _callback(schedule: LoRADrop) -> LowRankCallback:
+    return LowRankCallback(
         LoRA(rank=2),
         target_modules=[f"blocks.{i}" for i in range(4)] + ["head"],
         schedules=[schedule],
     )
-    trainer = L.Trainer(
+
+
+def _trainer(max_steps: int, cb: LowRankCallback, **kwargs) -> L.Trainer:
+    return L.Trainer(
         max_steps=max_steps,
         accelerator="cpu",
         logger=False,
@@ -366,7 +367,14 @@ def _fit(max_steps, ckpt_path=None, save=None, **drop_kwargs):
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[cb],
+        **kwargs,
     )
+
+
+def _fit(max_steps, ckpt_path=None, save=None, **drop_kwargs):
+    module = StackModule()
+    schedule = LoRADrop(threshold=0.6, sample_steps=3, log_table=False, **drop_kwargs)
+    trainer = _trainer(max_steps, _callback(schedule))
     trainer.fit(module, ckpt_path=ckpt_path)
     if save is not None:
         trainer.save_checkpoint(save)
@@ -398,16 +406,7 @@ def test_sample_fraction_is_a_fraction_of_an_epoch():
     cb = LowRankCallback(
         LoRA(rank=2), target_modules=["blocks.0", "blocks.1"], schedules=[schedule]
     )
-    trainer = L.Trainer(
-        max_steps=4,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[cb],
-    )
-    trainer.fit(module)
+    _trainer(4, cb).fit(module)
     assert schedule.switch_step == 2 and schedule.phase == "switched"
 
 
@@ -490,32 +489,15 @@ def test_untied_copies_that_diverged_are_an_error(tmp_path):
 @pytest.mark.slow
 def test_a_second_fit_after_a_move_trains_the_shared_adapter_as_one():
     module = StackModule()
-    cb = LowRankCallback(
-        LoRA(rank=2),
-        target_modules=[f"blocks.{i}" for i in range(4)] + ["head"],
-        schedules=[LoRADrop(threshold=0.6, sample_steps=3, log_table=False)],
-    )
-
-    def fit(steps: int, **kwargs) -> None:
-        L.Trainer(
-            max_steps=steps,
-            accelerator="cpu",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[cb],
-            **kwargs,
-        ).fit(module)
-
-    fit(6)
+    cb = _callback(LoRADrop(threshold=0.6, sample_steps=3, log_table=False))
+    _trainer(6, cb).fit(module)
     layers = adapter_layers(module)
     members = {n: la.shared_with for n, la in layers.items() if la.shared_with}
     assert members
     module.double()  # unties, as Lightning's move to a GPU at the start of a fit would
     assert retie_shared(module) > 0  # (it was untied) ...
     module.double().float()  # ... and untie once more for the fit below
-    fit(3, precision="32-true")
+    _trainer(3, cb, precision="32-true").fit(module)
     for m, host in members.items():  # re-tied in on_fit_start: the updates went to one storage
         for pname, p in adapter_parameters(layers[m]).items():
             assert p.data_ptr() == adapter_parameters(layers[host])[pname].data_ptr()
