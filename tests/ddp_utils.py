@@ -3,6 +3,10 @@
 Lightning's ``strategy="ddp"`` relaunches the running script for the other ranks, so the test body
 lives in a script file run in a subprocess. The script must save what the test compares with
 ``save_rank_result(out_dir, obj)``.
+
+Each rank destroys its process group at exit. Left to interpreter shutdown, gloo's worker threads
+can outlive the interpreter and the process aborts ("terminate called without an active
+exception") after the test body has already finished.
 """
 
 from __future__ import annotations
@@ -16,10 +20,16 @@ from pathlib import Path
 import torch
 
 PRELUDE = """
-import os, sys
+import atexit, os, sys
 import torch
+import torch.distributed as dist
 torch.set_num_threads(1)
 OUT = sys.argv[1]
+
+@atexit.register
+def _destroy_process_group():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 def save_rank_result(obj):
     rank = int(os.environ.get("LOCAL_RANK", "0"))
