@@ -131,6 +131,10 @@ class AdapterConfig:
 class AdapterLayer(nn.Module):
     """A frozen base layer plus a trainable low-rank adapter. See the module docstring."""
 
+    #: whether ``forward``, ``merge`` and ``unmerge`` apply ``extension`` (Delta-LoRA checks it):
+    #: a subclass that overrides them without doing so sets it to False
+    applies_extension: ClassVar[bool] = True
+
     def __init__(self, base: nn.Module, config: AdapterConfig) -> None:
         super().__init__()
         self.kind = layer_kind(base)
@@ -191,7 +195,8 @@ class AdapterLayer(nn.Module):
         """Adapter parameters and persistent adapter buffers, keyed relative to this layer."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("base.")}
 
-    def base_input(self, x: Tensor) -> Tensor:
+    def adapter_input(self, x: Tensor) -> Tensor:
+        """What the adapter's first factor sees: ``x``, or its dropout for methods that have one."""
         return x
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:

@@ -17,6 +17,7 @@ while ``A`` itself is random: ``A = 0`` would receive a zero gradient forever.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,7 @@ from lightning_lowrank.methods.base import (
     kaiming_uniform_,
     scale_factor,
 )
+from lightning_lowrank.methods.fused import fusable, low_rank_linear
 
 
 @dataclass
@@ -101,6 +103,17 @@ class SingLoRALayer(AdapterLayer):
         # kept apart from low_rank_factors, which a composition (DoRA) may override
         a = self.lora_A
         return a[: self.out_features], a[: self.in_features].t(), self.scale * self.ramp_value()
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        b, a, c = self._factors()
+        if self.merged or self.kind != "linear" or not fusable(self.base, x, args, kwargs, a, b):
+            return super().forward(x, *args, **kwargs)
+        # one pass for base and adapter (methods/fused.py); u(t) folded into the (out, r) factor
+        base: nn.Linear = self.base  # type: ignore[assignment]
+        out = low_rank_linear(x, x, base, a, b * c.to(b.dtype), 1.0)
+        if self.extension is not None:
+            out = self.extension.add_output(self, x, out)
+        return out
 
     def adapter_forward(self, x: Tensor) -> Tensor:
         b, a, c = self._factors()

@@ -30,6 +30,7 @@ from lightning_lowrank.methods.base import (
     layer_kind,
     layer_shape,
 )
+from lightning_lowrank.methods.fused import fusable, vera_linear, vera_prefers_dense
 
 
 @dataclass
@@ -129,6 +130,22 @@ class VeRALayer(AdapterLayer):
     def factors(self) -> tuple[Tensor, Tensor]:
         """This layer's slices ``(B[:out], A[:, :in])`` of the shared pair."""
         return self.shared.B[: self.out_features], self.shared.A[:, : self.in_features]
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        b, a = self.factors()
+        d, lam_b = self.vera_lambda_d, self.vera_lambda_b
+        if (
+            self.merged
+            or not fusable(self.base, x, args, kwargs, a, b, d, lam_b)
+            or not vera_prefers_dense(x.numel() // x.shape[-1], self.out_features, self.in_features)
+        ):
+            return super().forward(x, *args, **kwargs)
+        # enough tokens that the effective-weight order is cheaper (methods/fused.py)
+        base: nn.Linear = self.base  # type: ignore[assignment]
+        out = vera_linear(x, base, a, b, d, lam_b)
+        if self.extension is not None:
+            out = self.extension.add_output(self, x, out)
+        return out
 
     def adapter_forward(self, x: Tensor) -> Tensor:
         b, a = self.factors()

@@ -1,0 +1,218 @@
+"""Fused forward and backward passes for adapted linear layers.
+
+Autograd on the textbook formulas runs one node per operation: the base matmul, the adapter's
+matmuls, the scaling and the add, and in backward it builds the input's gradient from two
+separately allocated halves. On a CPU, where the rank-8 matmuls are cheap and memory traffic is
+not, that bookkeeping costs more than the adapter's arithmetic. The two ``autograd.Function``\\ s
+here compute the same values in fewer passes:
+
+- :class:`LowRankLinear`: ``y = f * (x W0^T + s (x' A^T) B^T) + bias`` for LoRA (``f = 1``), DoRA
+  (``f = m / ||V||``, a constant in backward) and SingLoRA; ``x'`` is the adapter's (possibly
+  dropped-out) input. The adapter's product is added in place into the base output, and the input
+  gradient is accumulated in place: ``dx = g_z W0 + s (g_z B) A``. Only the tensors a gradient
+  needs are saved: with A frozen (LoRA-FA) the input is not kept, only ``x' A^T``.
+- :class:`VeRALinear`: VeRA evaluated through its effective weight
+  ``W = W0 + diag(b) B diag(d) A``. The factored order costs ``2 T r (in + out)`` multiply-adds
+  per call of ``T`` tokens (forward and backward through two ``r``-wide products); this order
+  costs ``out r in + T r (in + out)``: one ``(out, in)`` product, the base matmuls run on ``W``
+  instead of ``W0``, and the gradients of ``d`` and ``b`` come from ``C = g^T (x A^T)``:
+
+      dL/db_i = sum_k B_ik d_k C_ik,    dL/dd_k = sum_i b_i B_ik C_ik.
+
+  It is cheaper when ``T (in + out) > out in`` (:func:`vera_prefers_dense`), which the layer
+  checks on every call; shorter inputs take the factored order.
+
+Both are exact rewrites (the same sums in another order); ``tests/test_fused.py`` checks values
+and every gradient against the plain formulas in float64 and with ``torch.autograd.gradcheck``.
+The layers use them only for a plain ``nn.Linear`` base with no hooks, one dtype throughout and no
+autocast (:func:`fusable`); anything else takes the generic path. Neither supports double
+backward (``once_differentiable``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+
+def fusable(base: nn.Module, x: Tensor, args: tuple, kwargs: dict, *tensors: Tensor) -> bool:
+    """Whether a fused pass may replace ``base(x) + adapter``: ``base`` is a plain ``nn.Linear``
+    (its own forward, no hooks that would expect to see its output), the call has no extra
+    arguments, autocast is off and ``x`` and ``tensors`` share the base weight's dtype."""
+    if args or kwargs or type(base).forward is not nn.Linear.forward:
+        return False
+    if base._forward_hooks or base._forward_pre_hooks or _global_hooks():
+        return False
+    if torch.is_autocast_enabled(x.device.type):
+        return False
+    dtype = base.weight.dtype
+    return x.dtype == dtype and all(t.dtype == dtype for t in tensors)
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module
+
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
+
+
+def _rows(t: Tensor) -> Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+class LowRankLinear(torch.autograd.Function):
+    """``y = f * (x W0^T + s (x' A^T) B^T) + bias``, with ``f`` optional. See the module docstring.
+
+    Inputs: ``x`` (..., in), ``x_adapter`` (``x`` itself, or its dropout), ``w0`` (out, in),
+    ``bias`` (out,) or None, ``a`` (r, in), ``b`` (out, r), ``scale`` (a float), ``factor`` (out,)
+    or None.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        x: Tensor,
+        x_adapter: Tensor,
+        w0: Tensor,
+        bias: Tensor | None,
+        a: Tensor,
+        b: Tensor,
+        scale: float,
+        factor: Tensor | None,
+    ) -> Tensor:
+        needs = ctx.needs_input_grad
+        same = x_adapter is x
+        x2 = _rows(x)
+        xa2 = x2 if same else _rows(x_adapter)
+        z = x2 @ w0.t()
+        u = xa2 @ a.t()
+        z.addmm_(u, b.t(), alpha=scale)
+        if factor is None:
+            y = z if bias is None else z.add_(bias)
+            kept_z = None
+        else:
+            y = z * factor if bias is None else torch.addcmul(bias, z, factor)
+            kept_z = z if needs[7] else None
+        ctx.same, ctx.scale = same, scale
+        ctx.save_for_backward(
+            x2 if needs[2] else None,  # W0's gradient (a base left trainable)
+            xa2 if needs[4] else None,  # A's gradient
+            u if needs[5] else None,  # B's gradient
+            w0,
+            a,
+            b,
+            factor,
+            kept_z,
+        )
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x2, xa2, u, w0, a, b, factor, z = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        g = _rows(grad)
+        g_factor = (g * z).sum(0) if needs[7] else None
+        gz = g if factor is None else g * factor
+        gx = gxa = None
+        if needs[0] or needs[1] or needs[4]:
+            gh = (gz @ b).mul_(ctx.scale)  # the gradient of u = x' A^T
+            if needs[0]:
+                gx = gz @ w0
+                if ctx.same:
+                    gx.addmm_(gh, a)
+                gx = gx.view(*grad.shape[:-1], gx.shape[-1])
+            if needs[1] and not ctx.same:
+                gxa = (gh @ a).view(*grad.shape[:-1], a.shape[-1])
+            g_a = gh.t() @ xa2 if needs[4] else None
+        else:
+            g_a = None
+        g_b = (gz.t() @ u).mul_(ctx.scale) if needs[5] else None
+        g_w0 = gz.t() @ x2 if needs[2] else None
+        g_bias = g.sum(0) if needs[3] else None
+        return gx, gxa, g_w0, g_bias, g_a, g_b, None, g_factor
+
+
+def low_rank_linear(
+    x: Tensor,
+    x_adapter: Tensor,
+    base: nn.Linear,
+    a: Tensor,
+    b: Tensor,
+    scale: float,
+    factor: Tensor | None = None,
+) -> Tensor:
+    """:class:`LowRankLinear` on ``base``'s weight and bias."""
+    out: Tensor = LowRankLinear.apply(x, x_adapter, base.weight, base.bias, a, b, scale, factor)
+    return out
+
+
+def vera_prefers_dense(tokens: int, out_features: int, in_features: int) -> bool:
+    """Whether VeRA's effective-weight order costs fewer multiply-adds than the factored one for
+    a call of ``tokens`` rows: ``out r in + T r (in + out) < 2 T r (in + out)``."""
+    return tokens * (in_features + out_features) > out_features * in_features
+
+
+class VeRALinear(torch.autograd.Function):
+    """``y = x (W0 + diag(b) B diag(d) A)^T + bias`` through the effective weight.
+
+    Inputs: ``x`` (..., in), ``w0`` (out, in), ``bias`` (out,) or None, ``a`` (r, in) and ``b``
+    (out, r) (the frozen shared pair, sliced), ``d`` (r,), ``lam_b`` (out,).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        x: Tensor,
+        w0: Tensor,
+        bias: Tensor | None,
+        a: Tensor,
+        b: Tensor,
+        d: Tensor,
+        lam_b: Tensor,
+    ) -> Tensor:
+        needs = ctx.needs_input_grad
+        w = torch.addcmul(w0, lam_b[:, None], (b * d) @ a)
+        y = F.linear(x, w, bias)
+        x2 = _rows(x)
+        u = x2 @ a.t() if needs[5] or needs[6] else None  # for the gradients of d and b
+        ctx.save_for_backward(x2 if needs[1] else None, w, u, b, d, lam_b)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x2, w, u, b, d, lam_b = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        g = _rows(grad)
+        gx = grad @ w if needs[0] else None
+        g_d = g_b = None
+        if needs[5] or needs[6]:
+            bc = b * (g.t() @ u)  # B_ik C_ik, (out, r)
+            g_d = lam_b @ bc if needs[5] else None
+            g_b = bc @ d if needs[6] else None
+        g_w0 = g.t() @ x2 if needs[1] else None
+        g_bias = g.sum(0) if needs[2] else None
+        return gx, g_w0, g_bias, None, None, g_d, g_b
+
+
+def vera_linear(
+    x: Tensor, base: nn.Linear, a: Tensor, b: Tensor, d: Tensor, lam_b: Tensor
+) -> Tensor:
+    """:class:`VeRALinear` on ``base``'s weight and bias; without autograd, one dense matmul."""
+    if not torch.is_grad_enabled():
+        w = torch.addcmul(base.weight, lam_b[:, None], (b * d) @ a)
+        return F.linear(x, w, base.bias)
+    out: Tensor = VeRALinear.apply(x, base.weight, base.bias, a, b, d, lam_b)
+    return out
+
+
+__all__ = [
+    "LowRankLinear",
+    "VeRALinear",
+    "fusable",
+    "low_rank_linear",
+    "vera_linear",
+    "vera_prefers_dense",
+]

@@ -1,0 +1,300 @@
+"""The fused passes (methods/fused.py) equal the plain formulas, and the layers use them only when
+that is safe. All math checks in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_lowrank.methods import fused
+from lightning_lowrank.methods.dora import DoRA, DoRALayer, DoRASingLoRALayer
+from lightning_lowrank.methods.fused import (
+    LowRankLinear,
+    VeRALinear,
+    fusable,
+    vera_prefers_dense,
+)
+from lightning_lowrank.methods.lora import LoRA, LoRALayer
+from lightning_lowrank.methods.singlora import SingLoRA, SingLoRALayer
+from lightning_lowrank.methods.vera import VeRA
+
+D = torch.float64
+TOL = {"rtol": 1e-12, "atol": 1e-12}
+
+
+def _t(*shape, grad=False):
+    return torch.randn(*shape, dtype=D).requires_grad_(grad)
+
+
+# --- the autograd functions -----------------------------------------------------------------
+@pytest.mark.parametrize("with_factor", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("separate_adapter_input", [False, True])
+@pytest.mark.parametrize("train_a", [False, True])
+def test_low_rank_linear_gradcheck(with_factor, with_bias, separate_adapter_input, train_a):
+    torch.manual_seed(0)
+    x = _t(2, 3, 5, grad=True)
+    xa = _t(2, 3, 5, grad=True) if separate_adapter_input else x
+    w0, bias = _t(4, 5, grad=True), (_t(4, grad=True) if with_bias else None)
+    a, b = _t(3, 5, grad=train_a), _t(4, 3, grad=True)
+    factor = _t(4, grad=True) if with_factor else None
+
+    def fn(x, xa, w0, bias, a, b, factor):
+        return LowRankLinear.apply(x, x if xa is None else xa, w0, bias, a, b, 1.7, factor)
+
+    inputs = (x, None if xa is x else xa, w0, bias, a, b, factor)
+    assert torch.autograd.gradcheck(fn, inputs)
+    # and the value is the formula
+    z = x @ w0.T + 1.7 * (xa @ a.T) @ b.T
+    expected = (z if factor is None else factor * z) + (0 if bias is None else bias)
+    torch.testing.assert_close(fn(*inputs), expected, **TOL)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("train_base", [False, True])
+def test_vera_linear_gradcheck(with_bias, train_base):
+    torch.manual_seed(0)
+    x = _t(2, 3, 5, grad=True)
+    w0, bias = _t(4, 5, grad=train_base), (_t(4, grad=train_base) if with_bias else None)
+    a, b = _t(6, 5), _t(4, 6)  # the frozen pair, rank 6 above min(out, in) as VeRA allows
+    d, lam_b = _t(6, grad=True), _t(4, grad=True)
+    assert torch.autograd.gradcheck(VeRALinear.apply, (x, w0, bias, a, b, d, lam_b))
+    expected = x @ (w0 + lam_b[:, None] * (b * d) @ a).T + (0 if bias is None else bias)
+    torch.testing.assert_close(VeRALinear.apply(x, w0, bias, a, b, d, lam_b), expected, **TOL)
+
+
+def test_vera_prefers_dense_is_the_multiply_add_count():
+    out, inp, r = 6, 4, 5
+    for tokens in range(1, 8):
+        factored = 2 * tokens * r * (inp + out)
+        dense = out * r * inp + tokens * r * (inp + out)
+        assert vera_prefers_dense(tokens, out, inp) == (dense < factored)
+
+
+def test_double_backward_is_refused():
+    x = _t(3, 5, grad=True)
+    y = LowRankLinear.apply(
+        x, x, _t(4, 5), None, _t(2, 5, grad=True), _t(4, 2, grad=True), 1.0, None
+    )
+    (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|double backward|requires grad"):
+        g.sum().backward()
+
+
+# --- the layers -------------------------------------------------------------------------------
+def _base(out=10, inp=6, bias=True):
+    torch.manual_seed(0)
+    base = nn.Linear(inp, out, bias=bias).to(D)
+    base.requires_grad_(False)
+    return base
+
+
+def _randomise(layer: nn.Module) -> None:
+    """Non-trivial adapter parameters (B = 0 or b = 0 at init would hide a wrong path)."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in layer.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn_like(p) * 0.5 + (1.0 if p.ndim == 1 else 0.0))
+        if hasattr(layer, "step"):
+            layer.set_step(3)  # SingLoRA mid-ramp
+
+
+def _reference(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The method's formula through plain autograd, with the dense weight."""
+    base = layer.base
+    if isinstance(layer, (DoRALayer, DoRASingLoRALayer)):
+        b, a, c = layer.delta_factors()
+        v = base.weight + c * b @ a
+        norm = torch.linalg.vector_norm(v, dim=1).detach()  # a constant in backward (paper)
+        return F.linear(x, layer.magnitude[:, None] * v / norm[:, None], base.bias)
+    if hasattr(layer, "vera_lambda_d"):
+        b, a = layer.factors()
+        dw = layer.vera_lambda_b[:, None] * (b * layer.vera_lambda_d) @ a
+        return F.linear(x, base.weight + dw, base.bias)
+    if isinstance(layer, SingLoRALayer):
+        b, a, c = layer.low_rank_factors()
+        return base(x) + c * (x @ a.T) @ b.T
+    return base(x) + layer.scale * (x @ layer.lora_A.T) @ layer.lora_B.T
+
+
+def _grads(layer, x, out):
+    weights = torch.linspace(-1, 1, out.shape[-1], dtype=D)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    return torch.autograd.grad((out * weights).sum(), [x, *params])
+
+
+def _count_calls(monkeypatch, cls):
+    calls = []
+    original = cls.apply
+
+    def counting(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(cls, "apply", counting)
+    return calls
+
+
+LAYERS = {
+    "lora": lambda base: LoRALayer(base, LoRA(rank=3, alpha=5.0)),
+    "lora-fa": lambda base: LoRALayer(base, LoRA(rank=3, alpha=5.0, train_a=False)),
+    "rslora": lambda base: LoRALayer(base, LoRA(rank=3, alpha=5.0, scaling="rslora")),
+    "singlora": lambda base: SingLoRALayer(base, SingLoRA(rank=3, alpha=5.0, ramp_steps=10)),
+    "dora": lambda base: DoRALayer(base, DoRA(rank=3, alpha=5.0)),
+    "dora-singlora": lambda base: DoRASingLoRALayer(
+        base, DoRA(rank=3, alpha=5.0, delta="singlora", ramp_steps=10)
+    ),
+}
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(4, 6), (2, 5, 6), (6,)])
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_low_rank_layers_take_the_fused_pass_and_match_the_formula(monkeypatch, kind, shape, bias):
+    layer = LAYERS[kind](_base(bias=bias))
+    _randomise(layer)
+    calls = _count_calls(monkeypatch, LowRankLinear)
+    x = torch.randn(*shape, dtype=D, requires_grad=True)
+    out = layer(x)
+    assert calls, "the fused pass was not taken"
+    expected = _reference(layer, x)
+    assert out.shape == expected.shape == (*shape[:-1], 10)
+    torch.testing.assert_close(out, expected, **TOL)
+    for got, want in zip(_grads(layer, x, out), _grads(layer, x, expected), strict=True):
+        torch.testing.assert_close(got, want, **TOL)
+
+
+def test_lora_dropout_in_the_fused_pass_equals_the_generic_path():
+    layer = LoRALayer(_base(), LoRA(rank=3, alpha=5.0, dropout=0.5)).train()
+    _randomise(layer)
+    x = torch.randn(7, 6, dtype=D, requires_grad=True)
+    torch.manual_seed(5)
+    out = layer(x)
+    torch.manual_seed(5)  # the same dropout mask: one draw of x's shape in both paths
+    expected = layer.base(x) + layer.adapter_forward(x)
+    torch.testing.assert_close(out, expected, **TOL)
+    for got, want in zip(_grads(layer, x, out), _grads(layer, x, expected), strict=True):
+        torch.testing.assert_close(got, want, **TOL)
+
+
+def test_lora_fa_keeps_the_rank_space_not_the_input():
+    # LoRA-FA's memory saving: with A frozen, backward needs x A^T (r per token), not x
+    layer = LoRALayer(_base(out=10, inp=6), LoRA(rank=3, alpha=5.0, train_a=False))
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    x = torch.randn(7, 6, dtype=D)  # the first adapted layer: no gradient to the input
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x)
+    assert (7, 3) in shapes
+    assert (7, 6) not in shapes
+    shapes.clear()
+    full = LoRALayer(_base(out=10, inp=6), LoRA(rank=3, alpha=5.0))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        full(x)
+    assert (7, 6) in shapes  # plain LoRA keeps x for A's gradient
+
+
+@pytest.mark.parametrize("tokens", [2, 40])
+@pytest.mark.parametrize("grad", [True, False])
+def test_vera_picks_the_cheaper_order_and_both_match_the_formula(monkeypatch, tokens, grad):
+    base = _base(out=10, inp=6)
+    (layer,) = VeRA(rank=8, seed=0).build({"l": base}).values()
+    _randomise(layer)
+    dense = vera_prefers_dense(tokens, 10, 6)
+    assert dense == (tokens == 40)  # 40 * 16 > 60 > 2 * 16
+    calls = _count_calls(monkeypatch, VeRALinear)
+    x = torch.randn(tokens, 6, dtype=D, requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        out = layer(x)
+        expected = _reference(layer, x)
+    assert bool(calls) == (dense and grad)  # without autograd the dense order needs no Function
+    torch.testing.assert_close(out, expected, **TOL)
+    if grad:
+        for got, want in zip(_grads(layer, x, out), _grads(layer, x, expected), strict=True):
+            torch.testing.assert_close(got, want, **TOL)
+
+
+def test_vera_without_autograd_uses_one_dense_matmul(monkeypatch):
+    base = _base(out=10, inp=6)
+    (layer,) = VeRA(rank=8, seed=0).build({"l": base}).values()
+    _randomise(layer)
+    linear_calls = []
+    original = F.linear
+
+    def spy(x, w, b=None):
+        linear_calls.append(tuple(w.shape))
+        return original(x, w, b)
+
+    monkeypatch.setattr(fused.F, "linear", spy)
+    with torch.no_grad():
+        layer(torch.randn(40, 6, dtype=D))
+    assert linear_calls == [(10, 6)]
+
+
+class _OwnForward(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+@pytest.mark.parametrize(
+    "case", ["hook", "pre_hook", "global_hook", "subclass", "dtype", "extra_arg", "autocast"]
+)
+def test_fusable_refuses_what_it_cannot_reproduce(case):
+    base = _base()
+    x = torch.randn(3, 6, dtype=D)
+    args: tuple = ()
+    handle = None
+    assert fusable(base, x, (), {})
+    if case == "hook":
+        handle = base.register_forward_hook(lambda m, i, o: None)
+    elif case == "pre_hook":
+        handle = base.register_forward_pre_hook(lambda m, i: None)
+    elif case == "global_hook":
+        handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+    elif case == "subclass":
+        base = _OwnForward(6, 10).to(D)
+    elif case == "dtype":
+        x = x.float()
+    elif case == "extra_arg":
+        args = (1,)
+    if case == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not fusable(base, x, args, {})
+    else:
+        assert not fusable(base, x, args, {})
+    if handle is not None:
+        handle.remove()
+        assert fusable(base, x, args, {})
+
+
+@pytest.mark.parametrize("kind", ["lora", "singlora", "dora"])
+def test_layers_with_a_hooked_base_take_the_generic_path(monkeypatch, kind):
+    # LoRA-drop reads the base output through a hook on the base layer: it must still fire
+    layer = LAYERS[kind](_base())
+    _randomise(layer)
+    seen = []
+    layer.base.register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+    calls = _count_calls(monkeypatch, LowRankLinear)
+    x = torch.randn(2, 6, dtype=D)
+    out = layer(x)
+    assert not calls and len(seen) == 1
+    torch.testing.assert_close(seen[0], layer.base(x))
+    torch.testing.assert_close(out, _reference(layer, x), **TOL)
+
+
+def test_merged_layers_run_the_base_only(monkeypatch):
+    layer = LAYERS["lora"](_base())
+    _randomise(layer)
+    x = torch.randn(3, 6, dtype=D)
+    before = layer(x).detach()
+    layer.merge()
+    calls = _count_calls(monkeypatch, LowRankLinear)
+    torch.testing.assert_close(layer(x), before, rtol=1e-10, atol=1e-10)
+    assert not calls
