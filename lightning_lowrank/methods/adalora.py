@@ -135,6 +135,12 @@ class AdaLoRALayer(AdapterLayer):
         self.register_buffer("rank_mask", torch.ones(r, **kw))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
+    def adapter_input(self, x: Tensor) -> Tensor:
+        return self.dropout(x)
+
+    def fused_output(self, x: Tensor) -> Tensor | None:
+        return self.fused_low_rank(x, self.lora_A, self.lora_B * self.lora_E, self.scale)
+
     def adapter_forward(self, x: Tensor) -> Tensor:
         if self.kind != "embedding":
             x = self.dropout(x.to(self.lora_A.dtype))

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_lowrank.methods.fused import fusable, low_rank_linear
+
 Scaling = Literal["standard", "rslora"]
 Side = Literal["A", "B"]
 
@@ -131,10 +133,6 @@ class AdapterConfig:
 class AdapterLayer(nn.Module):
     """A frozen base layer plus a trainable low-rank adapter. See the module docstring."""
 
-    #: whether ``forward``, ``merge`` and ``unmerge`` apply ``extension`` (Delta-LoRA checks it):
-    #: a subclass that overrides them without doing so sets it to False
-    applies_extension: ClassVar[bool] = True
-
     def __init__(self, base: nn.Module, config: AdapterConfig) -> None:
         super().__init__()
         self.kind = layer_kind(base)
@@ -199,11 +197,32 @@ class AdapterLayer(nn.Module):
         """What the adapter's first factor sees: ``x``, or its dropout for methods that have one."""
         return x
 
+    def fused_output(self, x: Tensor) -> Tensor | None:
+        """Base plus adapter output for ``x`` in one fused pass (``methods/fused.py``), or None
+        when this layer has none for this input; ``forward`` then computes ``base(x)`` and adds
+        :meth:`adapter_forward`. Called only for linear layers, unmerged, with no extra arguments.
+        """
+        return None
+
+    def fused_low_rank(
+        self, x: Tensor, a: Tensor, b: Tensor, scale: float, factor: Tensor | None = None
+    ) -> Tensor | None:
+        """``factor * (base(x) - bias + scale * (x' a^T) b^T) + bias`` in one pass, or None when
+        :func:`~lightning_lowrank.methods.fused.fusable` refuses (then the generic path runs)."""
+        extra = (factor,) if factor is not None else ()
+        if not fusable(self.base, x, a, b, *extra):
+            return None
+        base: nn.Linear = self.base  # type: ignore[assignment]
+        return low_rank_linear(x, self.adapter_input(x), base, a, b, scale, factor)
+
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        out = self.base(x, *args, **kwargs)
         if self.merged:
-            return out
-        out = self.add_adapter_output(x, out)
+            return self.base(x, *args, **kwargs)
+        out = None
+        if self.kind == "linear" and not args and not kwargs:
+            out = self.fused_output(x)
+        if out is None:
+            out = self.add_adapter_output(x, self.base(x, *args, **kwargs))
         if self.extension is not None:
             out = self.extension.add_output(self, x, out)
         return out

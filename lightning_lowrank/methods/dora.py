@@ -29,7 +29,6 @@ import torch
 from torch import Tensor, nn
 
 from lightning_lowrank.methods.base import AdapterConfig, AdapterLayer, Scaling, Side, weight_oi
-from lightning_lowrank.methods.fused import fusable, low_rank_linear
 from lightning_lowrank.methods.lora import LoRALayer
 from lightning_lowrank.methods.singlora import SingLoRALayer
 
@@ -89,10 +88,6 @@ class DoRAMagnitude:
     forward, ``delta_weight``, ``merge`` and ``unmerge``.
     """
 
-    #: its forward, merge and unmerge have no place for an extension (Delta-LoRA would change W0
-    #: under the norm)
-    applies_extension = False
-
     # provided by the AdapterLayer subclass this is mixed into
     base: nn.Module
     kind: str | None
@@ -143,13 +138,14 @@ class DoRAMagnitude:
         if self.merged:
             return self.base(x, *args, **kwargs)
         factor = self.magnitude / self.weight_norm().to(self.magnitude.dtype)
-        b, a, c = self.delta_factors()
-        if self.kind == "linear" and fusable(self.base, x, args, kwargs, a, b, factor):
-            # one pass for base, delta and magnitude (methods/fused.py)
+        if self.kind == "linear" and not args and not kwargs:
+            b, a, c = self.delta_factors()
             if isinstance(c, Tensor):  # SingLoRA's ramp: fold it into the (out, r) factor
                 b, c = b * c.to(b.dtype), 1.0
-            base: nn.Linear = self.base  # type: ignore[assignment]
-            return low_rank_linear(x, self.adapter_input(x), base, a, b, c, factor)  # type: ignore[attr-defined]
+            # one pass for base, delta and magnitude (methods/fused.py)
+            out = self.fused_low_rank(x, a, b, c, factor)  # type: ignore[attr-defined]
+            if out is not None:
+                return out
         out = self.base(x, *args, **kwargs)
         factor = factor.to(out.dtype)
         delta = super().adapter_forward(x).to(out.dtype)  # type: ignore[misc]

@@ -37,11 +37,11 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 
-def fusable(base: nn.Module, x: Tensor, args: tuple, kwargs: dict, *tensors: Tensor) -> bool:
+def fusable(base: nn.Module, x: Tensor, *tensors: Tensor) -> bool:
     """Whether a fused pass may replace ``base(x) + adapter``: ``base`` is a plain ``nn.Linear``
-    (its own forward, no hooks that would expect to see its output), the call has no extra
-    arguments, autocast is off and ``x`` and ``tensors`` share the base weight's dtype."""
-    if args or kwargs or type(base).forward is not nn.Linear.forward:
+    (its own forward, no hooks that would expect to see its output), autocast is off and ``x``
+    and ``tensors`` share the base weight's dtype."""
+    if type(base).forward is not nn.Linear.forward:
         return False
     if base._forward_hooks or base._forward_pre_hooks or _global_hooks():
         return False

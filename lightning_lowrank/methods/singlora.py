@@ -17,7 +17,6 @@ while ``A`` itself is random: ``A = 0`` would receive a zero gradient forever.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +31,6 @@ from lightning_lowrank.methods.base import (
     kaiming_uniform_,
     scale_factor,
 )
-from lightning_lowrank.methods.fused import fusable, low_rank_linear
 
 
 @dataclass
@@ -104,16 +102,9 @@ class SingLoRALayer(AdapterLayer):
         a = self.lora_A
         return a[: self.out_features], a[: self.in_features].t(), self.scale * self.ramp_value()
 
-    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    def fused_output(self, x: Tensor) -> Tensor | None:
         b, a, c = self._factors()
-        if self.merged or self.kind != "linear" or not fusable(self.base, x, args, kwargs, a, b):
-            return super().forward(x, *args, **kwargs)
-        # one pass for base and adapter (methods/fused.py); u(t) folded into the (out, r) factor
-        base: nn.Linear = self.base  # type: ignore[assignment]
-        out = low_rank_linear(x, x, base, a, b * c.to(b.dtype), 1.0)
-        if self.extension is not None:
-            out = self.extension.add_output(self, x, out)
-        return out
+        return self.fused_low_rank(x, a, b * c.to(b.dtype), 1.0)  # u(t) folded into (out, r)
 
     def adapter_forward(self, x: Tensor) -> Tensor:
         b, a, c = self._factors()

@@ -150,9 +150,6 @@ class SLTrainLayer(AdapterLayer):
     """A base layer (or, in pre-training mode, no dense weight) plus ``s * B @ A + S``.
     See :class:`SLTrain`."""
 
-    #: pre-training mode has no base weight for an extension to change
-    applies_extension = False
-
     def __init__(
         self, base: nn.Module, config: SLTrain, name: str = "", support_hash: int | None = None
     ) -> None:

@@ -131,21 +131,17 @@ class VeRALayer(AdapterLayer):
         """This layer's slices ``(B[:out], A[:, :in])`` of the shared pair."""
         return self.shared.B[: self.out_features], self.shared.A[:, : self.in_features]
 
-    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    def fused_output(self, x: Tensor) -> Tensor | None:
+        # with enough tokens the effective-weight order is cheaper (methods/fused.py)
         b, a = self.factors()
         d, lam_b = self.vera_lambda_d, self.vera_lambda_b
-        if (
-            self.merged
-            or not fusable(self.base, x, args, kwargs, a, b, d, lam_b)
-            or not vera_prefers_dense(x.numel() // x.shape[-1], self.out_features, self.in_features)
-        ):
-            return super().forward(x, *args, **kwargs)
-        # enough tokens that the effective-weight order is cheaper (methods/fused.py)
+        tokens = x.numel() // x.shape[-1]
+        if not vera_prefers_dense(tokens, self.out_features, self.in_features):
+            return None
+        if not fusable(self.base, x, a, b, d, lam_b):
+            return None
         base: nn.Linear = self.base  # type: ignore[assignment]
-        out = vera_linear(x, base, a, b, d, lam_b)
-        if self.extension is not None:
-            out = self.extension.add_output(self, x, out)
-        return out
+        return vera_linear(x, base, a, b, d, lam_b)
 
     def adapter_forward(self, x: Tensor) -> Tensor:
         b, a = self.factors()

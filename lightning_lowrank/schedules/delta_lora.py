@@ -292,10 +292,16 @@ def _check_layer(name: str, layer: AdapterLayer) -> None:
             f"p={dropout}): the change of the low-rank product then no longer stands in for the "
             "base weight's gradient. Set the method's dropout=0.0"
         )
-    if not type(layer).applies_extension:
+    overridden = [
+        hook
+        for hook in ("forward", "merge", "unmerge")
+        if getattr(type(layer), hook) is not getattr(AdapterLayer, hook)
+    ]
+    if overridden:
         raise ValueError(
-            f"Delta-LoRA needs layers whose forward and merge apply its term, and "
-            f"{type(layer).__name__} on {name!r} does not: use a method such as LoRA or SingLoRA"
+            f"Delta-LoRA needs layers that use AdapterLayer's own forward/merge/unmerge (which "
+            f"apply its term), but {type(layer).__name__} on {name!r} overrides {overridden}: "
+            "use a method such as LoRA or SingLoRA"
         )
     if layer.extension is not None:
         raise ValueError(
