@@ -50,6 +50,30 @@ def training_table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def arithmetic_table(res: dict[str, Any]) -> str:
+    ar = res["arithmetic"]
+    targets = res["targets"]["step_over_floor"]
+    lines = [
+        f"The adapted layers' base matmuls alone (forward and input gradient) take "
+        f"{ar['share']:.0%} ({ar['share_min']:.0%}-{ar['share_max']:.0%}) of the floor's time. "
+        "An adapter whose extra multiply-adds are a fraction f of those matmuls' cannot bring a "
+        "step below 1 + share x f floors unless its arithmetic runs faster than the base's.",
+        "",
+        "| method | adapter multiply-adds / base matmuls' | lower bound on ours / floor "
+        "| measured ours / floor | target |",
+        "|---|---|---|---|---|",
+    ]
+    for name, row in ar["methods"].items():
+        measured = res["training"]["methods"][name]["ours"]["ratio"]
+        target = targets.get(name)
+        lines.append(
+            f"| {name} | {row['fraction']:.1%} | {row['bound']:.2f} | {measured:.2f} | "
+            + (f"<= {target:.2f}" if target else "-")
+            + " |"
+        )
+    return "\n".join(lines)
+
+
 def memory_table(res: dict[str, Any]) -> str:
     mem = res["memory"]
     floor = mem.get("floor_mib")
@@ -117,6 +141,10 @@ def markdown_report(res: dict[str, Any]) -> str:
             "### Training step",
             "",
             training_table(res),
+            "",
+            "### What the arithmetic allows",
+            "",
+            arithmetic_table(res) if "arithmetic" in res else NOT_MEASURED,
             "",
             "### Peak training memory",
             "",

@@ -7,6 +7,8 @@
    the embedding output: no adapter can be cheaper), in interleaved rounds; each variant's time is
    reported as the median over rounds and as the median over rounds of its ratio to the floor of
    the same round (paired, so a slow phase of a shared machine cancels);
+   then what the arithmetic allows: each adapter's multiply-adds against the adapted layers' base
+   matmuls, and the measured share of the floor spent in those matmuls (``benchmarks.arithmetic``);
 2. inference (eval, no grad) of the base model, of every method unmerged and merged;
 3. the callback's overhead: LoRA trained by ``Trainer.fit`` with ``LowRankCallback`` against a plain
    loop doing the same steps on the same kind of layers;
@@ -29,6 +31,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.arithmetic import arithmetic_block
 from benchmarks.common import (
     BATCH,
     SEQ,
@@ -307,6 +310,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     phases = set(args.phases)
     results["training"], ours_models = bench_training(base, batch, entries, args.reps, args.steps)
+    write()
+    log("arithmetic: adapter multiply-adds, and the floor's share in the adapted layers")
+    results["arithmetic"] = arithmetic_block(base, ours_models, batch, args.reps)
     write()
     if "inference" in phases:
         results["inference"] = bench_inference(

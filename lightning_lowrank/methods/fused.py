@@ -86,8 +86,9 @@ class LowRankLinear(torch.autograd.Function):
         x2 = _rows(x)
         xa2 = x2 if same else _rows(x_adapter)
         z = x2 @ w0.t()
-        u = xa2 @ a.t()
-        z.addmm_(u, b.t(), alpha=scale)
+        # u = x' A^T, computed as (A x'^T)^T: the same numbers, faster for a narrow A on CPU BLAS
+        u_t = a @ xa2.t()
+        z.addmm_(u_t.t(), b.t(), alpha=scale)
         if factor is None:
             y = z if bias is None else z.add_(bias)
             kept_z = None
@@ -98,7 +99,7 @@ class LowRankLinear(torch.autograd.Function):
         ctx.save_for_backward(
             x2 if needs[2] else None,  # W0's gradient (a base left trainable)
             xa2 if needs[4] else None,  # A's gradient
-            u if needs[5] else None,  # B's gradient
+            u_t if needs[5] else None,  # B's gradient
             w0,
             a,
             b,
@@ -110,7 +111,7 @@ class LowRankLinear(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x2, xa2, u, w0, a, b, factor, z = ctx.saved_tensors
+        x2, xa2, u_t, w0, a, b, factor, z = ctx.saved_tensors
         needs = ctx.needs_input_grad
         g = _rows(grad)
         g_factor = (g * z).sum(0) if needs[7] else None
@@ -131,7 +132,7 @@ class LowRankLinear(torch.autograd.Function):
         else:
             g_a = None
         # (u^T gz)^T rather than gz^T u, for the same reason (up to 6x on a 1536-wide layer)
-        g_b = (u.t() @ gz).mul_(ctx.scale).t() if needs[5] else None
+        g_b = (u_t @ gz).mul_(ctx.scale).t() if needs[5] else None
         g_w0 = gz.t() @ x2 if needs[2] else None
         g_bias = g.sum(0) if needs[3] else None
         return gx, gxa, g_w0, g_bias, g_a, g_b, None, g_factor
