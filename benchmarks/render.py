@@ -56,6 +56,41 @@ def _plot_speed(res: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _arithmetic_notes(res: dict[str, Any]) -> list[str]:
+    """Bullets on the targets that the arithmetic table shows out of reach, from the numbers."""
+    ar = res.get("arithmetic")
+    if ar is None:
+        return []
+    notes = []
+    targets = res["targets"]["step_over_floor"]
+    for name, row in ar["methods"].items():
+        target = targets.get(name)
+        if target is not None and row["bound"] > target:
+            notes.append(
+                f"- {name}: its own multiply-adds are {row['fraction']:.0%} of the adapted layers' "
+                f"base matmuls, even in the order this library picks for it (see the concept "
+                f"pages); with those matmuls at {ar['share']:.0%} of the floor, an exact "
+                f"implementation cannot go below about {row['bound']:.2f} floors, above the "
+                f"target of {target:.2f}. Only less arithmetic (a smaller rank) would meet it."
+            )
+    tr = res["training"]["methods"]
+    for name, limit in res["targets"].get("ours_over_peft", {}).items():
+        row = tr.get(name)
+        if row is None or "peft" not in row or row["ours_over_peft"] <= limit:
+            continue
+        needed = limit * row["peft"]["ratio"]
+        bound = ar["methods"].get(name, {}).get("bound")
+        notes.append(
+            f"- {name} against PEFT: PEFT's {name} runs at {row['peft']['ratio']:.2f} floors "
+            f"here, so {limit:.2f}x of it means {needed:.2f} floors"
+            + (f", with this method's arithmetic alone at {bound:.2f}" if bound else "")
+            + f". The target was set when PEFT's {name} measured "
+            f"{res['targets']['peft_step_over_floor_reported'].get(name, float('nan')):.2f} "
+            "floors."
+        )
+    return notes
+
+
 def render_benchmarks() -> str | None:
     path = RESULTS / "speed.json"
     if not path.exists():
@@ -77,7 +112,8 @@ def render_benchmarks() -> str | None:
             "flowing back to the embedding output: the cheapest a training step with any adapter "
             "could be.",
             "",
-            "Re-run with `make bench` (about 5 minutes on an idle 2-core machine; "
+            "Re-run with `make bench` (the run below took "
+            f"{res['meta']['wall_seconds'] / 60:.0f} minutes on an idle 2-core machine; "
             "`python -m benchmarks.speed --quick` for a smoke run), then "
             "`python -m benchmarks.render` to rebuild this page.",
             "",
@@ -91,10 +127,7 @@ def render_benchmarks() -> str | None:
             "excludes the time spent waiting for a core but not the cache and memory-bandwidth "
             "contention of other jobs on the machine; the (min-max) spread of the per-round ratios "
             "shows how noisy a run was. Compare ratios, not seconds.",
-            "- VeRA at r = 256 is slow in both libraries: its two shared projections make each "
-            "adapted layer multiply every token by a 256-wide matrix twice in the forward and "
-            "twice in the backward, more work than the base layer's own matmul on MiniLM's "
-            "384-wide attention layers.",
+            *_arithmetic_notes(res),
             "- The PEFT column is measured in the same run, with the same configuration; the "
             "targets were set from an earlier PEFT measurement, quoted next to them.",
             "- SingLoRA has no PEFT implementation (PEFT "

@@ -85,13 +85,13 @@ class LowRankLinear(torch.autograd.Function):
         same = x_adapter is x
         x2 = _rows(x)
         xa2 = x2 if same else _rows(x_adapter)
-        z = x2 @ w0.t()
+        # the bias goes in with the base matmul unless the factor must scale z without it
+        z = x2 @ w0.t() if bias is None or factor is not None else torch.addmm(bias, x2, w0.t())
         # u = x' A^T, computed as (A x'^T)^T: the same numbers, faster for a narrow A on CPU BLAS
         u_t = a @ xa2.t()
         z.addmm_(u_t.t(), b.t(), alpha=scale)
         if factor is None:
-            y = z if bias is None else z.add_(bias)
-            kept_z = None
+            y, kept_z = z, None
         else:
             y = z * factor if bias is None else torch.addcmul(bias, z, factor)
             kept_z = z if needs[7] else None
