@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict:
     del ours_models
     if "callback" in phases:
         results["callback"] = bench_callback(
-            base, batch, max(3, args.reps // 2), max(3, args.steps + 2)
+            base, batch, max(3, args.reps), max(3, args.steps + 2)
         )
         write()
     if "memory" in phases:

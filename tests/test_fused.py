@@ -43,7 +43,7 @@ def test_low_rank_linear_gradcheck(with_factor, with_bias, separate_adapter_inpu
     factor = _t(4, grad=True) if with_factor else None
 
     def fn(x, xa, w0, bias, a, b, factor):
-        return LowRankLinear.apply(x, x if xa is None else xa, w0, bias, a, b, 1.7, factor)
+        return LowRankLinear.apply(x, xa, w0, bias, a, b, 1.7, factor)
 
     inputs = (x, None if xa is x else xa, w0, bias, a, b, factor)
     assert torch.autograd.gradcheck(fn, inputs)
@@ -77,7 +77,7 @@ def test_vera_prefers_dense_is_the_multiply_add_count():
 def test_double_backward_is_refused():
     x = _t(3, 5, grad=True)
     y = LowRankLinear.apply(
-        x, x, _t(4, 5), None, _t(2, 5, grad=True), _t(4, 2, grad=True), 1.0, None
+        x, None, _t(4, 5), None, _t(2, 5, grad=True), _t(4, 2, grad=True), 1.0, None
     )
     (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|double backward|requires grad"):
@@ -300,3 +300,51 @@ def test_merged_layers_run_the_base_only(monkeypatch):
     calls = _count_calls(monkeypatch, LowRankLinear)
     torch.testing.assert_close(layer(x), before, rtol=1e-10, atol=1e-10)
     assert not calls
+
+
+def _two_layer_model(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 6)).to(D)
+    model.requires_grad_(False)
+    for i in (0, 2):
+        if kind == "vera":
+            (model[i],) = VeRA(rank=8, seed=0).build({"l": model[i]}).values()
+        else:
+            model[i] = LAYERS[kind](model[i])
+        _randomise(model[i])
+    return model
+
+
+def _loss_and_grads(model: nn.Module, x: torch.Tensor, run) -> list[torch.Tensor]:
+    x = x.clone().requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = None
+    loss = run(model, x).square().sum()
+    loss.backward()  # not autograd.grad, which reentrant checkpointing refuses
+    return [loss.detach(), x.grad, *(p.grad for p in params)]
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("kind", ["lora", "dora", "vera"])
+def test_activation_checkpointing_recomputes_the_fused_pass_exactly(kind, reentrant):
+    from torch.utils.checkpoint import checkpoint
+
+    model = _two_layer_model(kind)
+    x = torch.randn(40, 6, dtype=D)
+    plain = _loss_and_grads(model, x, lambda m, t: m(t))
+    ckpt = _loss_and_grads(model, x, lambda m, t: checkpoint(m, t, use_reentrant=reentrant))
+    for got, want in zip(ckpt, plain, strict=True):
+        torch.testing.assert_close(got, want, **TOL)
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "vera"])
+def test_torch_compile_traces_the_fused_pass(kind):
+    # aot_eager: dynamo and AOTAutograd trace the autograd.Function without generating code
+    model = _two_layer_model(kind)
+    x = torch.randn(40, 6, dtype=D)
+    eager = _loss_and_grads(model, x, lambda m, t: m(t))
+    compiled_model = torch.compile(model, backend="aot_eager", fullgraph=True)
+    compiled = _loss_and_grads(compiled_model, x, lambda m, t: m(t))
+    for got, want in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(got, want, **TOL)

@@ -64,7 +64,7 @@ def _rows(t: Tensor) -> Tensor:
 class LowRankLinear(torch.autograd.Function):
     """``y = f * (x W0^T + s (x' A^T) B^T) + bias``, with ``f`` optional. See the module docstring.
 
-    Inputs: ``x`` (..., in), ``x_adapter`` (``x`` itself, or its dropout), ``w0`` (out, in),
+    Inputs: ``x`` (..., in), ``x_adapter`` (None: ``x`` itself; or its dropout), ``w0`` (out, in),
     ``bias`` (out,) or None, ``a`` (r, in), ``b`` (out, r), ``scale`` (a float), ``factor`` (out,)
     or None.
     """
@@ -73,7 +73,7 @@ class LowRankLinear(torch.autograd.Function):
     def forward(
         ctx: FunctionCtx,
         x: Tensor,
-        x_adapter: Tensor,
+        x_adapter: Tensor | None,
         w0: Tensor,
         bias: Tensor | None,
         a: Tensor,
@@ -82,9 +82,9 @@ class LowRankLinear(torch.autograd.Function):
         factor: Tensor | None,
     ) -> Tensor:
         needs = ctx.needs_input_grad
-        same = x_adapter is x
+        same = x_adapter is None
         x2 = _rows(x)
-        xa2 = x2 if same else _rows(x_adapter)
+        xa2 = x2 if x_adapter is None else _rows(x_adapter)
         # the bias goes in with the base matmul unless the factor must scale z without it
         z = x2 @ w0.t() if bias is None or factor is not None else torch.addmm(bias, x2, w0.t())
         # u = x' A^T, computed as (A x'^T)^T: the same numbers, faster for a narrow A on CPU BLAS
@@ -147,8 +147,11 @@ def low_rank_linear(
     scale: float,
     factor: Tensor | None = None,
 ) -> Tensor:
-    """:class:`LowRankLinear` on ``base``'s weight and bias."""
-    out: Tensor = LowRankLinear.apply(x, x_adapter, base.weight, base.bias, a, b, scale, factor)
+    """:class:`LowRankLinear` on ``base``'s weight and bias. ``x_adapter`` is what the adapter
+    sees (``x`` itself without dropout)."""
+    # x itself goes in once: torch.compile cannot trace a Function given one tensor twice
+    xa = None if x_adapter is x else x_adapter
+    out: Tensor = LowRankLinear.apply(x, xa, base.weight, base.bias, a, b, scale, factor)
     return out
 
 
