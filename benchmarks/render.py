@@ -113,7 +113,7 @@ def render_benchmarks() -> str | None:
             "could be.",
             "",
             "Re-run with `make bench` (the run below took "
-            f"{res['meta']['wall_seconds'] / 60:.0f} minutes on this 2-core machine; "
+            f"{res['meta']['wall_seconds'] / 60:.0f} minutes on a 2-core CPU machine; "
             "`python -m benchmarks.speed --quick` for a smoke run), then "
             "`python -m benchmarks.render` to rebuild this page.",
             "",
