@@ -323,9 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
         write()
     del ours_models
     if "callback" in phases:
-        results["callback"] = bench_callback(
-            base, batch, max(3, args.reps), max(3, args.steps + 2)
-        )
+        results["callback"] = bench_callback(base, batch, max(3, args.reps), max(3, args.steps + 2))
         write()
     if "memory" in phases:
         results["memory"] = bench_memory(entries)

@@ -143,7 +143,7 @@ class AdaLoRALayer(AdapterLayer):
 
     def adapter_forward(self, x: Tensor) -> Tensor:
         if self.kind != "embedding":
-            x = self.dropout(x.to(self.lora_A.dtype))
+            x = self.adapter_input(x.to(self.lora_A.dtype))
         h = embed_or_linear(self, x, self.lora_A)
         # scaling the (..., r) intermediate is cheaper than forming diag(lambda) with a factor
         return F.linear(h * (self.lora_E * self.scale), self.lora_B)

@@ -6,9 +6,9 @@ separately allocated halves. On a CPU, where the rank-8 matmuls are cheap and me
 not, that bookkeeping costs more than the adapter's arithmetic. The two ``autograd.Function``\\ s
 here compute the same values in fewer passes:
 
-- :class:`LowRankLinear`: ``y = f * (x W0^T + s (x' A^T) B^T) + bias`` for LoRA (``f = 1``), DoRA
-  (``f = m / ||V||``, a constant in backward) and SingLoRA; ``x'`` is the adapter's (possibly
-  dropped-out) input. The adapter's product is added in place into the base output, and the input
+- :class:`LowRankLinear`: ``y = f * (x W0^T + s (x' A^T) B^T) + bias`` for LoRA, AdaLoRA
+  (``B = P diag(lambda)``) and SingLoRA (``f = 1``), and DoRA (``f = m / ||V||``, a constant in
+  backward); ``x'`` is the adapter's (possibly dropped-out) input. The adapter's product is added in place into the base output, and the input
   gradient is accumulated in place: ``dx = g_z W0 + s (g_z B) A``. Only the tensors a gradient
   needs are saved: with A frozen (LoRA-FA) the input is not kept, only ``x' A^T``.
 - :class:`VeRALinear`: VeRA evaluated through its effective weight
@@ -161,6 +161,11 @@ def vera_prefers_dense(tokens: int, out_features: int, in_features: int) -> bool
     return tokens * (in_features + out_features) > out_features * in_features
 
 
+def vera_weight(w0: Tensor, a: Tensor, b: Tensor, d: Tensor, lam_b: Tensor) -> Tensor:
+    """The effective weight ``W0 + diag(b) B diag(d) A``."""
+    return torch.addcmul(w0, lam_b[:, None], (b * d) @ a)
+
+
 class VeRALinear(torch.autograd.Function):
     """``y = x (W0 + diag(b) B diag(d) A)^T + bias`` through the effective weight.
 
@@ -180,7 +185,7 @@ class VeRALinear(torch.autograd.Function):
         lam_b: Tensor,
     ) -> Tensor:
         needs = ctx.needs_input_grad
-        w = torch.addcmul(w0, lam_b[:, None], (b * d) @ a)
+        w = vera_weight(w0, a, b, d, lam_b)
         y = F.linear(x, w, bias)
         x2 = _rows(x)
         u = x2 @ a.t() if needs[5] or needs[6] else None  # for the gradients of d and b
@@ -209,8 +214,7 @@ def vera_linear(
 ) -> Tensor:
     """:class:`VeRALinear` on ``base``'s weight and bias; without autograd, one dense matmul."""
     if not torch.is_grad_enabled():
-        w = torch.addcmul(base.weight, lam_b[:, None], (b * d) @ a)
-        return F.linear(x, w, base.bias)
+        return F.linear(x, vera_weight(base.weight, a, b, d, lam_b), base.bias)
     out: Tensor = VeRALinear.apply(x, base.weight, base.bias, a, b, d, lam_b)
     return out
 
@@ -222,4 +226,5 @@ __all__ = [
     "low_rank_linear",
     "vera_linear",
     "vera_prefers_dense",
+    "vera_weight",
 ]

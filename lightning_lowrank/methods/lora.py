@@ -96,7 +96,7 @@ class LoRALayer(AdapterLayer):
 
     def adapter_forward(self, x: Tensor) -> Tensor:
         if self.kind != "embedding":
-            x = self.dropout(x.to(self.lora_A.dtype))
+            x = self.adapter_input(x.to(self.lora_A.dtype))
         h = embed_or_linear(self, x, self.lora_A)
         # scaling the (..., r) intermediate is cheaper than scaling either factor or the output
         return F.linear(h * self.scale, self.lora_B)
