@@ -4,7 +4,10 @@ Every method wraps a frozen base layer (``nn.Linear``, transformers' GPT-2 ``Con
 ``nn.Embedding``) in an :class:`AdapterLayer`. The rest of the library (inject, merge, save/load,
 LoRA+ grouping, the callback and its schedules) only uses this protocol:
 
-- ``forward(x)``: the base output plus the adapter's contribution, never building a dense delta;
+- ``forward(x)``: the base output plus the adapter's contribution. Low-rank methods never build a
+  dense delta; on a plain ``nn.Linear`` base a layer may compute both in one pass through
+  ``fused_output(x)`` (``methods/fused.py``), where VeRA builds its effective weight when that costs
+  fewer multiply-adds than its factored form;
 - ``delta_weight()``: the dense ``(out, in)`` update, for merge and analysis only;
 - ``merge()`` / ``unmerge()``;
 - ``adapter_parameter_names()`` and ``param_sides()`` (which parameters are A-side and B-side, for

@@ -12,6 +12,10 @@ storage, moved once by ``.to()``), so adapter files and checkpoints hold only ``
 the file's metadata, the seed. ``r`` is the shared pair's rank and may exceed a layer's
 ``min(out, in)`` (the paper uses r = 256 and up on 768-wide layers and r = 1024 on smaller ones):
 the update's rank is then simply at most ``min(out, in)``.
+
+The forward pass takes whichever of two exact orders costs fewer multiply-adds for the input at
+hand: the factored ``base(x) + ((x @ A.T) * d) @ B.T * b``, or, on a plain ``nn.Linear`` with
+enough tokens, the effective weight ``W0 + dW`` (``methods/fused.py``, ``VeRALinear``).
 """
 
 from __future__ import annotations
