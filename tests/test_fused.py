@@ -7,9 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from lightning_lowrank.methods import fused
 from lightning_lowrank.methods.adalora import AdaLoRA, AdaLoRALayer
+from lightning_lowrank.methods.base import weight_oi
 from lightning_lowrank.methods.dora import DoRA, DoRALayer, DoRASingLoRALayer
 from lightning_lowrank.methods.fused import (
     LowRankLinear,
@@ -85,9 +87,14 @@ def test_double_backward_is_refused():
 
 
 # --- the layers -------------------------------------------------------------------------------
-def _base(out=10, inp=6, bias=True):
+def _base(out=10, inp=6, bias=True, kind="linear"):
     torch.manual_seed(0)
-    base = nn.Linear(inp, out, bias=bias).to(D)
+    if kind == "conv1d":  # GPT-2's layer: weight stored (in, out), always a bias
+        base = Conv1D(out, inp).to(D)
+        nn.init.normal_(base.weight)
+        nn.init.normal_(base.bias)
+    else:
+        base = nn.Linear(inp, out, bias=bias).to(D)
     base.requires_grad_(False)
     return base
 
@@ -106,15 +113,16 @@ def _randomise(layer: nn.Module) -> None:
 def _reference(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The method's formula through plain autograd, with the dense weight."""
     base = layer.base
+    w0 = weight_oi(base)
     if isinstance(layer, (DoRALayer, DoRASingLoRALayer)):
         b, a, c = layer.delta_factors()
-        v = base.weight + c * b @ a
+        v = w0 + c * b @ a
         norm = torch.linalg.vector_norm(v, dim=1).detach()  # a constant in backward (paper)
         return F.linear(x, layer.magnitude[:, None] * v / norm[:, None], base.bias)
     if hasattr(layer, "vera_lambda_d"):
         b, a = layer.factors()
         dw = layer.vera_lambda_b[:, None] * (b * layer.vera_lambda_d) @ a
-        return F.linear(x, base.weight + dw, base.bias)
+        return F.linear(x, w0 + dw, base.bias)
     if isinstance(layer, AdaLoRALayer):
         b = layer.lora_B * layer.lora_E
         return base(x) + layer.scale * (x @ layer.lora_A.T) @ b.T
@@ -155,11 +163,14 @@ LAYERS = {
 }
 
 
-@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("base_kind", ["linear", "linear-nobias", "conv1d"])
 @pytest.mark.parametrize("shape", [(4, 6), (2, 5, 6), (6,)])
 @pytest.mark.parametrize("kind", list(LAYERS))
-def test_low_rank_layers_take_the_fused_pass_and_match_the_formula(monkeypatch, kind, shape, bias):
-    layer = LAYERS[kind](_base(bias=bias))
+def test_low_rank_layers_take_the_fused_pass_and_match_the_formula(
+    monkeypatch, kind, shape, base_kind
+):
+    base = _base(bias=base_kind != "linear-nobias", kind=base_kind.split("-")[0])
+    layer = LAYERS[kind](base)
     _randomise(layer)
     calls = _count_calls(monkeypatch, LowRankLinear)
     x = torch.randn(*shape, dtype=D, requires_grad=True)
@@ -206,10 +217,13 @@ def test_lora_fa_keeps_the_rank_space_not_the_input():
     assert (7, 6) in shapes  # plain LoRA keeps x for A's gradient
 
 
+@pytest.mark.parametrize("base_kind", ["linear", "conv1d"])
 @pytest.mark.parametrize("tokens", [2, 40])
 @pytest.mark.parametrize("grad", [True, False])
-def test_vera_picks_the_cheaper_order_and_both_match_the_formula(monkeypatch, tokens, grad):
-    base = _base(out=10, inp=6)
+def test_vera_picks_the_cheaper_order_and_both_match_the_formula(
+    monkeypatch, tokens, grad, base_kind
+):
+    base = _base(out=10, inp=6, kind=base_kind)
     (layer,) = VeRA(rank=8, seed=0).build({"l": base}).values()
     _randomise(layer)
     dense = vera_prefers_dense(tokens, 10, 6)
@@ -248,8 +262,13 @@ class _OwnForward(nn.Linear):
         return super().forward(x) * 2
 
 
+class _OwnConv1DForward(Conv1D):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
 @pytest.mark.parametrize(
-    "case", ["hook", "pre_hook", "global_hook", "subclass", "dtype", "autocast"]
+    "case", ["hook", "pre_hook", "global_hook", "subclass", "conv1d_subclass", "dtype", "autocast"]
 )
 def test_fusable_refuses_what_it_cannot_reproduce(case):
     base = _base()
@@ -264,6 +283,9 @@ def test_fusable_refuses_what_it_cannot_reproduce(case):
         handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
     elif case == "subclass":
         base = _OwnForward(6, 10).to(D)
+    elif case == "conv1d_subclass":
+        assert fusable(_base(kind="conv1d"), x)  # GPT-2's own Conv1D is fused
+        base = _OwnConv1DForward(10, 6).to(D)
     elif case == "dtype":
         x = x.float()
     if case == "autocast":

@@ -5,7 +5,7 @@ Every method wraps a frozen base layer (``nn.Linear``, transformers' GPT-2 ``Con
 LoRA+ grouping, the callback and its schedules) only uses this protocol:
 
 - ``forward(x)``: the base output plus the adapter's contribution. Low-rank methods never build a
-  dense delta; on a plain ``nn.Linear`` base a layer may compute both in one pass through
+  dense delta; on a plain ``nn.Linear`` or ``Conv1D`` base a layer may compute both in one pass via
   ``fused_output(x)`` (``methods/fused.py``), where VeRA builds its effective weight when that costs
   fewer multiply-adds than its factored form;
 - ``delta_weight()``: the dense ``(out, in)`` update, for merge and analysis only;
@@ -203,7 +203,8 @@ class AdapterLayer(nn.Module):
     def fused_output(self, x: Tensor) -> Tensor | None:
         """Base plus adapter output for ``x`` in one fused pass (``methods/fused.py``), or None
         when this layer has none for this input; ``forward`` then computes ``base(x)`` and adds
-        :meth:`adapter_forward`. Called only for linear layers, unmerged, with no extra arguments.
+        :meth:`adapter_forward`. Called only for linear and Conv1D layers, unmerged, with no extra
+        arguments.
         """
         return None
 
@@ -215,14 +216,14 @@ class AdapterLayer(nn.Module):
         extra = (factor,) if factor is not None else ()
         if not fusable(self.base, x, a, b, *extra):
             return None
-        base: nn.Linear = self.base  # type: ignore[assignment]
-        return low_rank_linear(x, self.adapter_input(x), base, a, b, scale, factor)
+        w0, bias = weight_oi(self.base), self.base.bias
+        return low_rank_linear(x, self.adapter_input(x), w0, bias, a, b, scale, factor)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if self.merged:
             return self.base(x, *args, **kwargs)
         out = None
-        if self.kind == "linear" and not args and not kwargs:
+        if self.kind in ("linear", "conv1d") and not args and not kwargs:
             out = self.fused_output(x)
         if out is None:
             out = self.add_adapter_output(x, self.base(x, *args, **kwargs))

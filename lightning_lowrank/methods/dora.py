@@ -138,7 +138,7 @@ class DoRAMagnitude:
         if self.merged:
             return self.base(x, *args, **kwargs)
         factor = self.magnitude / self.weight_norm().to(self.magnitude.dtype)
-        if self.kind == "linear" and not args and not kwargs:
+        if self.kind in ("linear", "conv1d") and not args and not kwargs:
             b, a, c = self.delta_factors()
             if isinstance(c, Tensor):  # SingLoRA's ramp: fold it into the (out, r) factor
                 b, c = b * c.to(b.dtype), 1.0

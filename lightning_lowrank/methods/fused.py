@@ -24,8 +24,8 @@ here compute the same values in fewer passes:
 
 Both are exact rewrites (the same sums in another order); ``tests/test_fused.py`` checks values
 and every gradient against the plain formulas in float64 and with ``torch.autograd.gradcheck``.
-The layers use them only for a plain ``nn.Linear`` base with no hooks, one dtype throughout and no
-autocast (:func:`fusable`); anything else takes the generic path. Neither supports double
+The layers use them only for a plain ``nn.Linear`` or GPT-2 ``Conv1D`` base with no hooks, one dtype
+throughout and no autocast (:func:`fusable`); anything else takes the generic path. Neither supports double
 backward (``once_differentiable``).
 """
 
@@ -39,9 +39,9 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 
 def fusable(base: nn.Module, x: Tensor, *tensors: Tensor) -> bool:
     """Whether a fused pass may replace ``base(x) + adapter``: ``base`` is a plain ``nn.Linear``
-    (its own forward, no hooks that would expect to see its output), autocast is off and ``x``
-    and ``tensors`` share the base weight's dtype."""
-    if type(base).forward is not nn.Linear.forward:
+    or GPT-2 ``Conv1D`` (its class's own forward, no hooks that would expect to see its output),
+    autocast is off and ``x`` and ``tensors`` share the base weight's dtype."""
+    if not _plain_forward(base):
         return False
     if base._forward_hooks or base._forward_pre_hooks or _global_hooks():
         return False
@@ -49,6 +49,16 @@ def fusable(base: nn.Module, x: Tensor, *tensors: Tensor) -> bool:
         return False
     dtype = base.weight.dtype
     return x.dtype == dtype and all(t.dtype == dtype for t in tensors)
+
+
+def _plain_forward(base: nn.Module) -> bool:
+    forward = type(base).forward
+    if forward is nn.Linear.forward:
+        return True
+    from lightning_lowrank.methods.base import _conv1d_type  # base imports this module
+
+    conv1d = _conv1d_type()
+    return conv1d is not None and forward is conv1d.forward
 
 
 def _global_hooks() -> bool:
@@ -141,17 +151,18 @@ class LowRankLinear(torch.autograd.Function):
 def low_rank_linear(
     x: Tensor,
     x_adapter: Tensor,
-    base: nn.Linear,
+    w0: Tensor,
+    bias: Tensor | None,
     a: Tensor,
     b: Tensor,
     scale: float,
     factor: Tensor | None = None,
 ) -> Tensor:
-    """:class:`LowRankLinear` on ``base``'s weight and bias. ``x_adapter`` is what the adapter
-    sees (``x`` itself without dropout)."""
+    """:class:`LowRankLinear` with the base weight ``w0`` as ``(out, in)`` (a view for Conv1D).
+    ``x_adapter`` is what the adapter sees (``x`` itself without dropout)."""
     # x itself goes in once: torch.compile cannot trace a Function given one tensor twice
     xa = None if x_adapter is x else x_adapter
-    out: Tensor = LowRankLinear.apply(x, xa, base.weight, base.bias, a, b, scale, factor)
+    out: Tensor = LowRankLinear.apply(x, xa, w0, bias, a, b, scale, factor)
     return out
 
 
@@ -210,12 +221,13 @@ class VeRALinear(torch.autograd.Function):
 
 
 def vera_linear(
-    x: Tensor, base: nn.Linear, a: Tensor, b: Tensor, d: Tensor, lam_b: Tensor
+    x: Tensor, w0: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, d: Tensor, lam_b: Tensor
 ) -> Tensor:
-    """:class:`VeRALinear` on ``base``'s weight and bias; without autograd, one dense matmul."""
+    """:class:`VeRALinear` with the base weight ``w0`` as ``(out, in)``; without autograd, one
+    dense matmul."""
     if not torch.is_grad_enabled():
-        return F.linear(x, vera_weight(base.weight, a, b, d, lam_b), base.bias)
-    out: Tensor = VeRALinear.apply(x, base.weight, base.bias, a, b, d, lam_b)
+        return F.linear(x, vera_weight(w0, a, b, d, lam_b), bias)
+    out: Tensor = VeRALinear.apply(x, w0, bias, a, b, d, lam_b)
     return out
 
 

@@ -14,7 +14,7 @@ the file's metadata, the seed. ``r`` is the shared pair's rank and may exceed a 
 the update's rank is then simply at most ``min(out, in)``.
 
 The forward pass takes whichever of two exact orders costs fewer multiply-adds for the input at
-hand: the factored ``base(x) + ((x @ A.T) * d) @ B.T * b``, or, on a plain ``nn.Linear`` with
+hand: the factored ``base(x) + ((x @ A.T) * d) @ B.T * b``, or, on a plain linear layer with
 enough tokens, the effective weight ``W0 + dW`` (``methods/fused.py``, ``VeRALinear``).
 """
 
@@ -33,6 +33,7 @@ from lightning_lowrank.methods.base import (
     Side,
     layer_kind,
     layer_shape,
+    weight_oi,
 )
 from lightning_lowrank.methods.fused import fusable, vera_linear, vera_prefers_dense
 
@@ -144,8 +145,7 @@ class VeRALayer(AdapterLayer):
             return None
         if not fusable(self.base, x, a, b, d, lam_b):
             return None
-        base: nn.Linear = self.base  # type: ignore[assignment]
-        return vera_linear(x, base, a, b, d, lam_b)
+        return vera_linear(x, weight_oi(self.base), self.base.bias, a, b, d, lam_b)
 
     def adapter_forward(self, x: Tensor) -> Tensor:
         b, a = self.factors()
