@@ -268,7 +268,18 @@ class _OwnConv1DForward(Conv1D):
 
 
 @pytest.mark.parametrize(
-    "case", ["hook", "pre_hook", "global_hook", "subclass", "conv1d_subclass", "dtype", "autocast"]
+    "case",
+    [
+        "hook",
+        "pre_hook",
+        "backward_hook",
+        "global_hook",
+        "global_backward_hook",
+        "subclass",
+        "conv1d_subclass",
+        "dtype",
+        "autocast",
+    ],
 )
 def test_fusable_refuses_what_it_cannot_reproduce(case):
     base = _base()
@@ -279,8 +290,12 @@ def test_fusable_refuses_what_it_cannot_reproduce(case):
         handle = base.register_forward_hook(lambda m, i, o: None)
     elif case == "pre_hook":
         handle = base.register_forward_pre_hook(lambda m, i: None)
+    elif case == "backward_hook":
+        handle = base.register_full_backward_hook(lambda m, gi, go: None)
     elif case == "global_hook":
         handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+    elif case == "global_backward_hook":
+        handle = nn.modules.module.register_module_full_backward_hook(lambda m, gi, go: None)
     elif case == "subclass":
         base = _OwnForward(6, 10).to(D)
     elif case == "conv1d_subclass":

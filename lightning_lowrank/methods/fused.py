@@ -39,11 +39,11 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 
 def fusable(base: nn.Module, x: Tensor, *tensors: Tensor) -> bool:
     """Whether a fused pass may replace ``base(x) + adapter``: ``base`` is a plain ``nn.Linear``
-    or GPT-2 ``Conv1D`` (its class's own forward, no hooks that would expect to see its output),
-    autocast is off and ``x`` and ``tensors`` share the base weight's dtype."""
+    or GPT-2 ``Conv1D`` (its class's own forward, no forward or backward hooks that would expect
+    to see it run), autocast is off and ``x`` and ``tensors`` share the base weight's dtype."""
     if not _plain_forward(base):
         return False
-    if base._forward_hooks or base._forward_pre_hooks or _global_hooks():
+    if _hooked(base) or _global_hooks():
         return False
     if torch.is_autocast_enabled(x.device.type):
         return False
@@ -61,10 +61,24 @@ def _plain_forward(base: nn.Module) -> bool:
     return conv1d is not None and forward is conv1d.forward
 
 
+def _hooked(base: nn.Module) -> bool:
+    return bool(
+        base._forward_hooks
+        or base._forward_pre_hooks
+        or base._backward_hooks
+        or base._backward_pre_hooks
+    )
+
+
 def _global_hooks() -> bool:
     from torch.nn.modules import module
 
-    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
+    return bool(
+        module._global_forward_hooks
+        or module._global_forward_pre_hooks
+        or module._global_backward_hooks
+        or module._global_backward_pre_hooks
+    )
 
 
 def _rows(t: Tensor) -> Tensor:
