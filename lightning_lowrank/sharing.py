@@ -49,12 +49,12 @@ def shared_map(layers: dict[str, AdapterLayer]) -> dict[str, str]:
     hosts: dict[int, str] = {}
     for name, layer in layers.items():
         if not getattr(layer, "shared_with", None):
-            for p in _adapter_params(layer).values():
+            for p in adapter_parameters(layer).values():
                 hosts.setdefault(p.data_ptr(), name)
     shared: dict[str, str] = {}
     for name, layer in layers.items():
         if getattr(layer, "shared_with", None):
-            found = {hosts.get(p.data_ptr()) for p in _adapter_params(layer).values()}
+            found = {hosts.get(p.data_ptr()) for p in adapter_parameters(layer).values()}
             if len(found) != 1 or None in found:
                 host = _resolve_host(layers, name)
                 if host is None:
@@ -69,7 +69,7 @@ def shared_map(layers: dict[str, AdapterLayer]) -> dict[str, str]:
 
 
 def _check_untied_equal(layers: dict[str, AdapterLayer], member: str, host: str) -> None:
-    mine, theirs = _adapter_params(layers[member]), _adapter_params(layers[host])
+    mine, theirs = adapter_parameters(layers[member]), adapter_parameters(layers[host])
     for pname, p in mine.items():
         if not torch.equal(p.detach().cpu(), theirs[pname].detach().cpu()):
             raise ValueError(
@@ -106,13 +106,12 @@ def retie_shared(model: nn.Module) -> int:
                 f"layer {name!r} shares its adapter with {layer.shared_with!r}, which is not in "
                 "this model: call retie_shared on the module that holds both"
             )
-        theirs = _adapter_params(layers[host])
-        mine = _adapter_params(layer)
+        theirs = adapter_parameters(layers[host])
+        mine = adapter_parameters(layer)
         if all(p.data_ptr() == theirs[n].data_ptr() for n, p in mine.items()):
             continue
         _check_untied_equal(layers, name, host)
-        for pname, p in mine.items():
-            p.data = theirs[pname].data
+        tie(layer, layers[host])
         count += 1
     return count
 
@@ -141,8 +140,8 @@ def mark_shared(layers: dict[str, AdapterLayer], shared: dict[str, str], path: P
                 f"adapter file {path} shares {member!r} with {host!r}, which this model's adapted "
                 "layers do not allow: the file is corrupt or from another model"
             )
-        mine = {n: p.shape for n, p in _adapter_params(layers[member]).items()}
-        theirs = {n: p.shape for n, p in _adapter_params(layers[host]).items()}
+        mine = {n: p.shape for n, p in adapter_parameters(layers[member]).items()}
+        theirs = {n: p.shape for n, p in adapter_parameters(layers[host]).items()}
         if mine != theirs:
             raise ValueError(
                 f"adapter file {path} shares {member!r} with {host!r} but their adapters have "
@@ -157,12 +156,21 @@ def tie_shared(layers: dict[str, AdapterLayer]) -> None:
     # by the names mark_shared set: the storages are not tied yet, so shared_map cannot be used
     marked = {n: la.shared_with for n, la in layers.items() if getattr(la, "shared_with", None)}
     for member, host in marked.items():
-        host_params = _adapter_params(layers[host])
-        for pname in list(_adapter_params(layers[member])):
+        host_params = adapter_parameters(layers[host])
+        for pname in list(adapter_parameters(layers[member])):
             owner_name, _, leaf = pname.rpartition(".")
             owner = layers[member].get_submodule(owner_name) if owner_name else layers[member]
             setattr(owner, leaf, host_params[pname])
 
 
-def _adapter_params(layer: AdapterLayer) -> dict[str, nn.Parameter]:
+def adapter_parameters(layer: AdapterLayer) -> dict[str, nn.Parameter]:
+    """The adapter's own parameters (trainable or not), keyed relative to the layer."""
     return {n: p for n, p in layer.named_parameters() if not n.startswith("base.")}
+
+
+def tie(member: AdapterLayer, host: AdapterLayer) -> None:
+    """Point ``member``'s adapter parameters at ``host``'s storage, keeping the ``Parameter``
+    objects (the optimizer and DDP hold them)."""
+    host_params = adapter_parameters(host)
+    for pname, p in adapter_parameters(member).items():
+        p.data = host_params[pname].data

@@ -59,6 +59,7 @@ from torch.optim import Optimizer
 
 from lightning_lowrank.methods.base import AdapterLayer
 from lightning_lowrank.schedules.base import Schedule
+from lightning_lowrank.sharing import adapter_parameters, tie
 
 Mode = Literal["share", "drop"]
 SharedInit = Literal["mean", "fresh"]
@@ -91,11 +92,6 @@ def select_layers(importance: Mapping[str, float], threshold: float) -> list[str
         if cumulative >= threshold - 1e-9:
             break
     return [n for n in names if n in kept]
-
-
-def adapter_parameters(layer: AdapterLayer) -> dict[str, nn.Parameter]:
-    """The adapter's own parameters (trainable or not), keyed relative to the layer."""
-    return {n: p for n, p in layer.named_parameters() if not n.startswith("base.")}
 
 
 def shape_groups(layers: Mapping[str, AdapterLayer], names: Sequence[str]) -> list[list[str]]:
@@ -349,12 +345,10 @@ class LoRADrop(Schedule):
                 layer.dropped = True
             return
         for host, *members in self.groups:
-            host_params = adapter_parameters(self._layers[host])
             if initialise:
                 self._initialise_shared(host, [host, *members])
             for member in members:
-                for pname, p in adapter_parameters(self._layers[member]).items():
-                    p.data = host_params[pname].data  # tie storage, keep the Parameter (DDP)
+                tie(self._layers[member], self._layers[host])  # keeps the Parameters (DDP)
                 self._layers[member].shared_with = host
 
     def _initialise_shared(self, host: str, members: list[str]) -> None:
