@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.nn.modules import module
 
 
 def fusable(base: nn.Module, x: Tensor, *tensors: Tensor) -> bool:
@@ -71,8 +72,6 @@ def _hooked(base: nn.Module) -> bool:
 
 
 def _global_hooks() -> bool:
-    from torch.nn.modules import module
-
     return bool(
         module._global_forward_hooks
         or module._global_forward_pre_hooks
