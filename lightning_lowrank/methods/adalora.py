@@ -76,6 +76,10 @@ class AdaLoRA(AdapterConfig):
     total_steps: int | None = None
     dropout: float = 0.0
 
+    @classmethod
+    def examples(cls) -> list[AdaLoRA]:
+        return [cls(init_rank=4, target_rank=2, t_init=2, t_final=2, delta_t=1, total_steps=20)]
+
     def __post_init__(self) -> None:
         if self.init_rank < 1:
             raise ValueError(f"init_rank must be >= 1, got {self.init_rank}")

@@ -99,6 +99,19 @@ class AdapterConfig:
     #: the layer class that implements the method; set by each subclass
     layer_cls: ClassVar[type[AdapterLayer]]
 
+    @classmethod
+    def examples(cls) -> list[AdapterConfig]:
+        """Small configs of this method, one per variant worth checking, sized for layers of a
+        few features: the contract suite (``tests/methods/test_contract.py``) runs over them.
+        A subclass that needs other values overrides this; build them with ``cls(...)`` so that
+        subclasses of the subclass are checked as themselves."""
+        return [cls()]
+
+    @property
+    def identity_at_init(self) -> bool:
+        """Whether the adapted model equals the base at initialisation (the paper's init)."""
+        return True
+
     def to_dict(self) -> dict[str, Any]:
         return {"type": type(self).__name__, **asdict(self)}
 

@@ -58,6 +58,10 @@ class DoRA(AdapterConfig):
     delta: Delta = "lora"
     ramp_steps: int = 1000
 
+    @classmethod
+    def examples(cls) -> list[DoRA]:
+        return [cls(rank=2, alpha=4.0), cls(rank=2, alpha=4.0, delta="singlora", ramp_steps=10)]
+
     def __post_init__(self) -> None:
         if self.delta not in _DELTA_LAYERS:
             raise ValueError(f"delta must be one of {sorted(_DELTA_LAYERS)}, got {self.delta!r}")

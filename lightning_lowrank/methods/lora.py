@@ -49,6 +49,14 @@ class LoRA(AdapterConfig):
     scaling: Scaling = "standard"
     train_a: bool = True
 
+    @classmethod
+    def examples(cls) -> list[LoRA]:
+        return [
+            cls(rank=2, alpha=4.0),
+            cls(rank=2, alpha=4.0, scaling="rslora"),
+            cls(rank=2, train_a=False),
+        ]
+
     def __post_init__(self) -> None:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")

@@ -50,6 +50,10 @@ class SingLoRA(AdapterConfig):
     scaling: Scaling = "standard"
     ramp_steps: int = 1000
 
+    @classmethod
+    def examples(cls) -> list[SingLoRA]:
+        return [cls(rank=2, alpha=4.0, ramp_steps=10)]
+
     def __post_init__(self) -> None:
         if self.ramp_steps < 0:
             raise ValueError(f"ramp_steps must be >= 0, got {self.ramp_steps}")

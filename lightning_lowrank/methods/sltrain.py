@@ -69,6 +69,18 @@ class SLTrain(AdapterConfig):
     mode: Mode = "adapter"
     train_a: bool = True
 
+    @classmethod
+    def examples(cls) -> list[SLTrain]:
+        return [
+            cls(rank=2, density=0.25, seed=1),
+            cls(rank=2, density=0.25, seed=1, mode="pretrain"),
+        ]
+
+    @property
+    def identity_at_init(self) -> bool:
+        # pre-training replaces the dense weight: there is no base model to equal
+        return self.mode == "adapter"
+
     def __post_init__(self) -> None:
         if not 0.0 <= self.density <= 1.0:
             raise ValueError(f"density must be in [0, 1], got {self.density}")

@@ -52,6 +52,10 @@ class VeRA(AdapterConfig):
     d_init: float = 0.1
     seed: int = 0
 
+    @classmethod
+    def examples(cls) -> list[VeRA]:
+        return [cls(rank=4, seed=3)]
+
     def validate_layer(self, name: str, base: nn.Module) -> None:
         if self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")

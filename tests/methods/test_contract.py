@@ -1,0 +1,207 @@
+"""The adapter contract, checked for every registered method config.
+
+Each config class provides small example configs (``AdapterConfig.examples()``); every example is
+injected into a small float64 model with layers of the three orientations (out > in, out < in,
+square) and must satisfy the protocol that the rest of the library relies on:
+
+- the paper's identity at initialisation, where it holds (``config.identity_at_init``);
+- exactly the parameters named by ``param_sides()`` train;
+- ``merged_delta()`` (``delta_weight()`` plus any extension) is what the forward adds;
+- merge then unmerge is a float64 round trip;
+- an adapter file loads onto a fresh model exactly;
+- PEFT export is exact (checked by importing it back) or a refusal that gives its reason;
+- adapter state-dict keys are stable: the same for every build, unchanged by training, merging
+  and a file round trip.
+
+A config registered by subclassing ``AdapterConfig`` (a user's own module included) gets these
+tests once its module is imported before collection.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_lowrank import (
+    AdapterConfig,
+    adapter_layers,
+    adapter_state_dict,
+    export_peft,
+    import_peft,
+    inject,
+    load_adapter,
+    merge,
+    save_adapter,
+    set_step,
+    unmerge,
+)
+from lightning_lowrank.methods.base import weight_oi
+from lightning_lowrank.peft import PeftExportError
+
+TARGETS = ["up", "down", "square"]
+
+
+def registered_configs() -> list[type[AdapterConfig]]:
+    """Every concrete config class reachable from ``AdapterConfig``, in a stable order."""
+    found: dict[str, type[AdapterConfig]] = {}
+    stack = list(AdapterConfig.__subclasses__())
+    while stack:
+        cls = stack.pop()
+        stack.extend(cls.__subclasses__())
+        if getattr(cls, "layer_cls", None) is not None:
+            found[f"{cls.__module__}.{cls.__qualname__}"] = cls
+    return [found[k] for k in sorted(found)]
+
+
+EXAMPLES = [
+    pytest.param(config, id=f"{type(config).__name__}-{i}")
+    for cls in registered_configs()
+    for i, config in enumerate(cls.examples())
+]
+
+
+class Net(nn.Module):
+    """Three adaptable linear layers (out > in, out < in, square) between a fixed input and head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.up = nn.Linear(6, 10)
+        self.down = nn.Linear(10, 6)
+        self.square = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.up(x))
+        h = torch.tanh(self.down(h)) + x
+        return self.head(torch.tanh(self.square(h)))
+
+
+def fresh() -> Net:
+    return Net().double()
+
+
+def inputs() -> torch.Tensor:
+    return torch.randn(5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+
+def adapted(config: AdapterConfig) -> Net:
+    model = fresh()
+    inject(model, copy.deepcopy(config), TARGETS)
+    return model
+
+
+def perturbed(config: AdapterConfig, seed: int = 2) -> Net:
+    """An adapted model whose adapter tensors moved off their init, as after training, with any
+    ramp half-way (SingLoRA), so that every term of every method is nonzero."""
+    model = adapted(config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter_state_dict(model).values():
+            if p.is_floating_point():
+                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+    set_step(model, 5)
+    return model
+
+
+def effective_weight(layer) -> torch.Tensor:
+    """``W0 + merged delta``, with ``W0 = 0`` where the method keeps no dense base weight."""
+    w0 = weight_oi(layer.base) if getattr(layer.base, "weight", None) is not None else 0.0
+    return w0 + layer.merged_delta()
+
+
+@pytest.mark.parametrize("config", EXAMPLES)
+def test_identity_at_init(config):
+    if not config.identity_at_init:
+        pytest.skip(f"{config} does not start from the base model (by design)")
+    x = inputs()
+    torch.testing.assert_close(adapted(config)(x), fresh()(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("config", EXAMPLES)
+def test_exactly_param_sides_train(config):
+    model = adapted(config)
+    expected = {
+        f"{name}.{pname}"
+        for name, layer in adapter_layers(model).items()
+        for pname in layer.param_sides()
+    }
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == expected
+    model(inputs()).square().sum().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if n in expected)
+    assert all(p.grad is None for n, p in model.named_parameters() if n not in expected)
+
+
+@pytest.mark.parametrize("config", EXAMPLES)
+def test_merged_delta_is_what_the_forward_adds(config):
+    model = perturbed(config)
+    x = torch.randn(4, 3, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    for layer in adapter_layers(model).values():
+        xi = x[..., : layer.in_features]
+        expected = F.linear(xi, effective_weight(layer), layer.base.bias)
+        torch.testing.assert_close(layer(xi), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("config", EXAMPLES)
+def test_merge_unmerge_round_trip(config):
+    model = perturbed(config)
+    x = inputs()
+    before = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    out = model(x).detach()
+    merge(model)
+    torch.testing.assert_close(model(x), out, rtol=1e-10, atol=1e-12)
+    unmerge(model)
+    torch.testing.assert_close(model(x), out, rtol=1e-10, atol=1e-12)
+    after = model.state_dict()
+    assert set(after) == set(before)
+    for name, value in before.items():
+        torch.testing.assert_close(after[name], value, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("config", EXAMPLES)
+def test_save_load_on_a_fresh_model_is_exact(config, tmp_path):
+    model = perturbed(config)
+    path = save_adapter(model, tmp_path / "adapter.safetensors")
+    other = fresh()
+    assert sorted(load_adapter(other, path)) == sorted(adapter_layers(model))
+    set_step(other, 5)
+    x = inputs()
+    torch.testing.assert_close(other(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("config", EXAMPLES)
+def test_peft_export_is_exact_or_refused_with_a_reason(config, tmp_path):
+    model = perturbed(config)
+    try:
+        export_peft(model, tmp_path / "peft")
+    except PeftExportError as err:
+        assert len(str(err)) > 20, "a refusal must say why"
+        return
+    other = fresh()
+    import_peft(other, tmp_path / "peft")
+    x = inputs()
+    torch.testing.assert_close(other(x), model(x), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("config", EXAMPLES)
+def test_state_dict_keys_are_stable(config, tmp_path):
+    model = perturbed(config)
+    keys = sorted(adapter_state_dict(model))
+    assert keys == sorted(adapter_state_dict(adapted(config)))  # another build
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(inputs()).sum().backward()
+    opt.step()
+    set_step(model, 6)
+    assert sorted(adapter_state_dict(model)) == keys  # training
+    merge(model)
+    assert sorted(adapter_state_dict(model)) == keys  # merging
+    unmerge(model)
+    other = fresh()
+    load_adapter(other, save_adapter(model, tmp_path / "a.safetensors"))
+    assert sorted(adapter_state_dict(other)) == keys  # a file round trip
+    assert all(k.split(".", 1)[0] in TARGETS for k in keys)
