@@ -24,7 +24,7 @@ from torch import nn
 
 from benchmarks.common import Runner, floor_step_fn, fresh_copy, median, time_interleaved
 from lightning_lowrank.inject import adapter_layers
-from lightning_lowrank.methods.fused import vera_prefers_dense
+from lightning_lowrank.methods.vera import vera_prefers_dense
 from lightning_lowrank.methods.vera import VeRALayer
 
 
@@ -37,8 +37,8 @@ def adapter_multiply_adds(layer: nn.Module, tokens: int) -> int:
         factored = 2 * tokens * r * (inp + out)
         dense = out * r * inp + tokens * r * (inp + out) + 2 * out * r  # + d's and b's gradients
         return dense if vera_prefers_dense(tokens, out, inp) else factored
-    if hasattr(layer, "delta_factors"):  # DoRA: the delta under the magnitude
-        r = layer.delta_factors()[1].shape[0]
+    if hasattr(layer, "direction_factors"):  # DoRA: the delta under the magnitude
+        r = layer.direction_factors()[1].shape[0]
     elif layer.low_rank_factors() is not None:  # LoRA, SingLoRA
         r = layer.low_rank_factors()[1].shape[0]
     else:  # AdaLoRA: Q is (r, in)

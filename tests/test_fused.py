@@ -9,19 +9,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lightning_lowrank.methods import fused
+from lightning_lowrank.methods import vera
 from lightning_lowrank.methods.adalora import AdaLoRA, AdaLoRALayer
 from lightning_lowrank.methods.base import weight_oi
 from lightning_lowrank.methods.dora import DoRA, DoRALayer, DoRASingLoRALayer
-from lightning_lowrank.methods.fused import (
-    LowRankLinear,
-    VeRALinear,
-    fusable,
-    vera_prefers_dense,
-)
+from lightning_lowrank.methods.fused import LowRankLinear, fusable
 from lightning_lowrank.methods.lora import LoRA, LoRALayer
 from lightning_lowrank.methods.singlora import SingLoRA, SingLoRALayer
-from lightning_lowrank.methods.vera import VeRA
+from lightning_lowrank.methods.vera import VeRA, VeRALinear, vera_prefers_dense
 
 D = torch.float64
 TOL = {"rtol": 1e-12, "atol": 1e-12}
@@ -115,12 +110,12 @@ def _reference(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     base = layer.base
     w0 = weight_oi(base)
     if isinstance(layer, (DoRALayer, DoRASingLoRALayer)):
-        b, a, c = layer.delta_factors()
+        b, a, c = layer.direction_factors()
         v = w0 + c * b @ a
         norm = torch.linalg.vector_norm(v, dim=1).detach()  # a constant in backward (paper)
         return F.linear(x, layer.magnitude[:, None] * v / norm[:, None], base.bias)
     if hasattr(layer, "vera_lambda_d"):
-        b, a = layer.factors()
+        b, a = layer.shared_slices()
         dw = layer.vera_lambda_b[:, None] * (b * layer.vera_lambda_d) @ a
         return F.linear(x, w0 + dw, base.bias)
     if isinstance(layer, AdaLoRALayer):
@@ -251,7 +246,7 @@ def test_vera_without_autograd_uses_one_dense_matmul(monkeypatch):
         linear_calls.append(tuple(w.shape))
         return original(x, w, b)
 
-    monkeypatch.setattr(fused.F, "linear", spy)
+    monkeypatch.setattr(vera.F, "linear", spy)
     with torch.no_grad():
         layer(torch.randn(40, 6, dtype=D))
     assert linear_calls == [(10, 6)]

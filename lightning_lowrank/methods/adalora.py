@@ -30,9 +30,11 @@ from torch import Tensor, nn
 from lightning_lowrank.methods.base import (
     AdapterConfig,
     AdapterLayer,
+    PeftLayer,
     Side,
     embed_or_linear,
     layer_shape,
+    peft_pair,
 )
 
 #: standard deviation of P and Q at initialisation (official code)
@@ -161,6 +163,18 @@ class AdaLoRALayer(AdapterLayer):
 
     def layer_metadata(self) -> dict[str, Any]:
         return {"rank": self.rank}
+
+    def peft_form(self) -> PeftLayer | None:
+        """``dW = s P diag(lambda) Q`` over the slots in use: the kept slots, and any slot whose
+        lambda is non-zero (so the export is exact mid-schedule too). lambda goes into A; the
+        scale stays ``s = alpha / r_init`` through a per-layer ``alpha = s * r_kept``. None when
+        every slot is pruned (a zero update)."""
+        keep = (self.rank_mask != 0) | (self.lora_E != 0)
+        k = int(keep.sum())
+        if k == 0:
+            return None
+        a = self.lora_E[keep, None] * self.lora_A[keep]
+        return peft_pair(self.lora_B[:, keep], a, self.scale, self.scale * k, False, self.kind)
 
     def live_rank(self) -> int:
         """Number of slots the rank mask keeps."""

@@ -1,25 +1,32 @@
-"""The adapter protocol shared by every method, and the base-layer views it relies on.
+"""The adapter protocol shared by every method, and the PEFT form a layer may give.
+
+A method is one file: a config dataclass (a subclass of :class:`AdapterConfig`) and a layer class
+(a subclass of :class:`AdapterLayer`) named by the config's ``layer_cls``. Defining the config
+class registers it by its class name (``methods/registry.py``): adapter files, LightningCLI's
+``class_path`` and PEFT export find it without any list to edit.
 
 Every method wraps a frozen base layer (``nn.Linear``, transformers' GPT-2 ``Conv1D`` or
-``nn.Embedding``) in an :class:`AdapterLayer`. The rest of the library (inject, merge, save/load,
-LoRA+ grouping, the callback and its schedules) only uses this protocol:
+``nn.Embedding``, see ``methods/layers.py``) in an :class:`AdapterLayer`. The rest of the library
+(inject, merge, save/load, PEFT export, LoRA+ grouping, the callback and its schedules) only uses
+this protocol:
 
-- ``forward(x)``: the base output plus the adapter's contribution. Low-rank methods never build a
-  dense delta; on a plain ``nn.Linear`` or ``Conv1D`` base a layer may compute both in one pass via
-  ``fused_output(x)`` (``methods/fused.py``), where VeRA builds its effective weight when that costs
-  fewer multiply-adds than its factored form;
+- ``adapter_forward(x)``: the adapter's additive contribution; ``forward(x)`` adds it to the base
+  output. Low-rank methods never build a dense delta; on a plain ``nn.Linear`` or ``Conv1D`` base
+  a layer may compute both in one pass via ``fused_output(x)`` (``methods/fused.py``);
 - ``delta_weight()``: the dense ``(out, in)`` update, for merge and analysis only;
-- ``merge()`` / ``unmerge()``;
-- ``adapter_parameter_names()`` and ``param_sides()`` (which parameters are A-side and B-side, for
-  LoRA+);
-- ``set_step(step)``: the number of optimizer steps taken so far (for methods with a ramp);
-- ``layer_metadata()``: per-layer facts needed to rebuild the layer from an adapter file;
-- optionally ``low_rank_factors()`` (``dW = c * B @ A`` without building ``dW``) and an
-  ``extension`` (a :class:`LayerExtension`, e.g. Delta-LoRA's implicit base update).
+- ``param_sides()``: which parameters train, and which are A-side and B-side (for LoRA+);
+- optionally ``set_step(step)`` (methods with a ramp), ``layer_metadata()`` (per-layer facts that
+  rebuild the layer from an adapter file), ``truncated_state()`` (a smaller equivalent state);
+- optionally ``low_rank_factors()``: ``(B, A, c)`` with ``delta_weight() == c * B @ A``, the whole
+  update as one low-rank product, or None (DoRA, SLTrain: their updates are not one product).
+  This is the one accessor for a layer's low-rank factors; Delta-LoRA uses it;
+- optionally ``peft_form()``: the update in PEFT's LoRA form (a :class:`PeftLayer`: B, A, scale
+  and DoRA's magnitude), or a :class:`PeftExportError` giving the reason it has none. Subclasses
+  inherit their parent's form: a subclass that changes the update must override it;
+- ``merge()`` / ``unmerge()`` and an optional ``extension`` (a :class:`LayerExtension`, e.g.
+  Delta-LoRA's implicit base update) come with the base class.
 
-Weights are always spoken of in ``(out, in)`` orientation. ``Conv1D`` stores ``(in, out)`` and an
-embedding table stores ``(num_embeddings, embedding_dim)``; both are treated as the transpose of an
-``(out, in)`` matrix with ``in = num_embeddings`` (the input is a one-hot vector).
+Weights are always spoken of in ``(out, in)`` orientation (``methods/layers.py``).
 """
 
 from __future__ import annotations
@@ -34,53 +41,12 @@ from torch import Tensor, nn
 
 from lightning_lowrank.methods.fused import fusable, low_rank_linear
 
+# layer_kind, layer_shape and weight_oi are re-exported: they were defined here first
+from lightning_lowrank.methods.layers import layer_kind, layer_shape, weight_oi
+from lightning_lowrank.methods.registry import register_config
+
 Scaling = Literal["standard", "rslora"]
 Side = Literal["A", "B"]
-
-
-def _conv1d_type() -> type | None:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except Exception:  # transformers is optional
-        return None
-    return Conv1D
-
-
-def layer_kind(module: nn.Module) -> str | None:
-    """Return ``"linear"``, ``"conv1d"`` or ``"embedding"`` for a supported base layer, else None."""
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if isinstance(module, nn.Embedding):
-        return "embedding"
-    conv1d = _conv1d_type()
-    if conv1d is not None and isinstance(module, conv1d):
-        return "conv1d"
-    return None
-
-
-def layer_shape(module: nn.Module) -> tuple[int, int]:
-    """``(out_features, in_features)`` of a supported base layer, in ``(out, in)`` orientation."""
-    kind = layer_kind(module)
-    if kind == "linear":
-        return module.out_features, module.in_features
-    if kind == "conv1d":
-        return module.weight.shape[1], module.weight.shape[0]
-    if kind == "embedding":
-        return module.embedding_dim, module.num_embeddings
-    raise TypeError(
-        f"unsupported layer type {type(module).__name__}: adapters wrap nn.Linear, "
-        "transformers' Conv1D and nn.Embedding"
-    )
-
-
-def weight_oi(module: nn.Module) -> Tensor:
-    """The base weight as an ``(out, in)`` view that shares storage with the parameter."""
-    kind = layer_kind(module)
-    if kind == "linear":
-        return module.weight
-    if kind in ("conv1d", "embedding"):
-        return module.weight.t()
-    raise TypeError(f"unsupported layer type {type(module).__name__}")
 
 
 def scale_factor(alpha: float, rank: int, scaling: Scaling) -> float:
@@ -94,10 +60,19 @@ def scale_factor(alpha: float, rank: int, scaling: Scaling) -> float:
 
 @dataclass
 class AdapterConfig:
-    """Base class of the method configs. Subclasses are typed dataclasses with paper defaults."""
+    """Base class of the method configs. Subclasses are typed dataclasses with paper defaults.
 
-    #: the layer class that implements the method; set by each subclass
+    Defining a subclass registers it by class name (:func:`register_config`); pass
+    ``register=False`` in the class statement (``class Draft(LoRA, register=False)``) to opt out.
+    """
+
+    #: the layer class that implements the method: set in the class body or right after it
     layer_cls: ClassVar[type[AdapterLayer]]
+
+    def __init_subclass__(cls, register: bool = True, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if register:
+            register_config(cls)
 
     @classmethod
     def examples(cls) -> list[AdapterConfig]:
@@ -136,6 +111,11 @@ class AdapterConfig:
         """Create one adapter layer per base layer. Methods with state shared across layers
         (VeRA's random pair) override this."""
         layer_meta = layer_meta or {}
+        if getattr(type(self), "layer_cls", None) is None:
+            raise TypeError(
+                f"{type(self).__name__} has no layer class: set {type(self).__name__}.layer_cls "
+                "to its AdapterLayer subclass"
+            )
         return {
             name: self.layer_cls(base, self, **layer_meta.get(name, {}))
             for name, base in bases.items()
@@ -190,6 +170,21 @@ class AdapterLayer(nn.Module):
         when the method has no such factorisation (then callers fall back to ``delta_weight()``).
         Lets Delta-LoRA update a base weight without building a dense ``(out, in)`` temporary."""
         return None
+
+    def peft_form(self) -> PeftLayer | None:
+        """This layer's update in PEFT's LoRA form, ``dW = s * lora_B @ lora_A`` (times DoRA's
+        magnitude over the row norm when ``magnitude`` is set), or None when the update is zero
+        by construction (nothing to export). Used by ``export_peft``; a subclass inherits its
+        parent's form, so a subclass that changes the update must override this.
+
+        Raises:
+            PeftExportError: the update has no exact PEFT form; the message gives the reason
+                and what to do instead.
+        """
+        raise PeftExportError(
+            f"{type(self).__name__} has no PEFT LoRA form: call unload(model) and save the "
+            "merged model (save_pretrained) instead"
+        )
 
     def layer_metadata(self) -> dict[str, Any]:
         """Keyword arguments (JSON-serialisable) needed to rebuild this layer's shapes."""
@@ -279,6 +274,41 @@ class AdapterLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, in={self.in_features}, out={self.out_features}, merged={self.merged}"
+
+
+class PeftExportError(ValueError):
+    """The model's adapter has no exact PEFT LoRA form; the message says what to do instead."""
+
+
+@dataclass
+class PeftLayer:
+    """One adapted layer in PEFT's LoRA form: ``dW = s * lora_B @ lora_A`` with
+    ``s = alpha / r`` (``alpha / sqrt(r)`` if ``rslora``), ``r = lora_A.shape[0]``; with a
+    ``magnitude`` m, DoRA's ``W' = m * (W0 + dW) / ||W0 + dW||_row``."""
+
+    kind: str  # "linear", "conv1d" or "embedding"
+    lora_A: Tensor  # (r, in)
+    lora_B: Tensor  # (out, r)
+    alpha: float
+    rslora: bool
+    magnitude: Tensor | None = None  # DoRA's m, (out,)
+
+    @property
+    def rank(self) -> int:
+        return int(self.lora_A.shape[0])
+
+
+def peft_pair(
+    b: Tensor, a: Tensor, c: Tensor | float, alpha: float, rslora: bool, kind: str | None
+) -> PeftLayer:
+    """PEFT's pair for ``dW = c * b @ a`` under PEFT's scale ``s`` for ``alpha`` and
+    ``r = a.shape[0]``: a ``c`` other than ``s`` (a ramp, AdaLoRA's fixed scale) is folded into
+    A as ``a * (c / s)``, so ``s * b @ a' == c * b @ a``."""
+    s_peft = scale_factor(alpha, a.shape[0], "rslora" if rslora else "standard")
+    c = float(c)
+    if c != s_peft:
+        a = a * (c / s_peft)
+    return PeftLayer(kind=kind or "linear", lora_A=a, lora_B=b, alpha=alpha, rslora=rslora)
 
 
 #: every :class:`LayerExtension` subclass by its ``name``, to rebuild one from adapter metadata

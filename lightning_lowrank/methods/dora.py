@@ -28,7 +28,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_lowrank.methods.base import AdapterConfig, AdapterLayer, Scaling, Side, weight_oi
+from lightning_lowrank.methods.base import AdapterConfig, AdapterLayer, PeftLayer, Scaling, Side
+from lightning_lowrank.methods.layers import weight_oi
 from lightning_lowrank.methods.lora import LoRALayer
 from lightning_lowrank.methods.singlora import SingLoRALayer
 
@@ -104,21 +105,34 @@ class DoRAMagnitude:
         self.magnitude = nn.Parameter(norm.to(w0.dtype))
         self.register_buffer("merge_factor", None, persistent=False)
 
-    def delta_factors(self) -> tuple[Tensor, Tensor, Tensor | float]:
-        """``(B, A, c)`` of the low-rank delta under the magnitude: ``dW = c * B @ A``."""
-        raise NotImplementedError
+    def direction_factors(self) -> tuple[Tensor, Tensor, Tensor | float]:
+        """``(B, A, c)`` of the low-rank ``dW = c * B @ A`` inside the direction
+        ``V = W0 + dW``: the delta layer's own :meth:`low_rank_factors` (LoRA's or SingLoRA's)."""
+        factors = super().low_rank_factors()  # type: ignore[misc]
+        if factors is None:
+            raise TypeError(
+                f"{type(self).__name__}: DoRA's magnitude needs a delta layer with low-rank factors"
+            )
+        return factors  # type: ignore[no-any-return]
 
     def low_rank_factors(self) -> None:
         """None: DoRA's update ``m * V / ||V|| - W0`` is not a low-rank product (the delta under
-        the magnitude is, see :meth:`delta_factors`)."""
+        the magnitude is, see :meth:`direction_factors`)."""
         return None
+
+    def peft_form(self) -> PeftLayer:
+        """PEFT's DoRA is ``m * (W0 + dW) / ||W0 + dW||_row`` over a LoRA pair, as here: the delta
+        layer's form (LoRA's or SingLoRA's pair) with the magnitude."""
+        form: PeftLayer = super().peft_form()  # type: ignore[misc]
+        form.magnitude = self.magnitude
+        return form
 
     @torch.no_grad()
     def weight_norm(self) -> Tensor:
         """``||W0 + dW||_row`` from the factors of ``dW = c * B @ A``, detached (paper, Sec. 4.3).
 
         Only ``(out, r)`` and ``(r, r)`` intermediates: ``W0 A^T`` and ``A A^T``."""
-        b, a, c = self.delta_factors()
+        b, a, c = self.direction_factors()
         w0 = weight_oi(self.base)
         dtype = _compute_dtype(a.dtype)
         # cast the (r, in) factor to the base's dtype rather than W0 to the factor's: no copy of W0
@@ -143,7 +157,7 @@ class DoRAMagnitude:
             return self.base(x, *args, **kwargs)
         factor = self.magnitude / self.weight_norm().to(self.magnitude.dtype)
         if self.kind in ("linear", "conv1d") and not args and not kwargs:
-            b, a, c = self.delta_factors()
+            b, a, c = self.direction_factors()
             if isinstance(c, Tensor):  # SingLoRA's ramp: fold it into the (out, r) factor
                 b, c = b * c.to(b.dtype), 1.0
             # one pass for base, delta and magnitude (methods/fused.py)
@@ -212,15 +226,9 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 class DoRALayer(DoRAMagnitude, LoRALayer):
     """DoRA over a LoRA delta ``s * B @ A``. See :class:`DoRA`."""
 
-    def delta_factors(self) -> tuple[Tensor, Tensor, Tensor | float]:
-        return self.lora_B, self.lora_A, self.scale
-
 
 class DoRASingLoRALayer(DoRAMagnitude, SingLoRALayer):
     """DoRA over a SingLoRA delta ``s * u(t) * A[:out] @ A[:in].T``. See :class:`DoRA`."""
-
-    def delta_factors(self) -> tuple[Tensor, Tensor, Tensor | float]:
-        return self._factors()
 
 
 _DELTA_LAYERS: dict[str, type[AdapterLayer]] = {"lora": DoRALayer, "singlora": DoRASingLoRALayer}

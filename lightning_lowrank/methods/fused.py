@@ -3,39 +3,35 @@
 Autograd on the textbook formulas runs one node per operation: the base matmul, the adapter's
 matmuls, the scaling and the add, and in backward it builds the input's gradient from two
 separately allocated halves. On a CPU, where the rank-8 matmuls are cheap and memory traffic is
-not, that bookkeeping costs more than the adapter's arithmetic. The two ``autograd.Function``\\ s
-here compute the same values in fewer passes:
+not, that bookkeeping costs more than the adapter's arithmetic. :class:`LowRankLinear` computes
+the same values in fewer passes:
 
-- :class:`LowRankLinear`: ``y = f * (x W0^T + s (x' A^T) B^T) + bias`` for LoRA, AdaLoRA
-  (``B = P diag(lambda)``) and SingLoRA (``f = 1``), and DoRA (``f = m / ||V||``, a constant in
-  backward); ``x'`` is the adapter's (possibly dropped-out) input. The adapter's product is added in place into the base output, and the input
-  gradient is accumulated in place: ``dx = g_z W0 + s (g_z B) A``. Only the tensors a gradient
-  needs are saved: with A frozen (LoRA-FA) the input is not kept, only ``x' A^T``.
-- :class:`VeRALinear`: VeRA evaluated through its effective weight
-  ``W = W0 + diag(b) B diag(d) A``. The factored order costs ``2 T r (in + out)`` multiply-adds
-  per call of ``T`` tokens (forward and backward through two ``r``-wide products); this order
-  costs ``out r in + T r (in + out)``: one ``(out, in)`` product, the base matmuls run on ``W``
-  instead of ``W0``, and the gradients of ``d`` and ``b`` come from ``C = g^T (x A^T)``:
+    y = f * (x W0^T + s (x' A^T) B^T) + bias
 
-      dL/db_i = sum_k B_ik d_k C_ik,    dL/dd_k = sum_i b_i B_ik C_ik.
+for LoRA, AdaLoRA (``B = P diag(lambda)``) and SingLoRA (``f = 1``), and DoRA (``f = m / ||V||``,
+a constant in backward); ``x'`` is the adapter's (possibly dropped-out) input. The adapter's
+product is added in place into the base output, and the input gradient is accumulated in place:
+``dx = g_z W0 + s (g_z B) A``. Only the tensors a gradient needs are saved: with A frozen
+(LoRA-FA) the input is not kept, only ``x' A^T``. VeRA's effective-weight pass (``VeRALinear``)
+is VeRA-only and lives in ``methods/vera.py``; it shares :func:`fusable` with this one.
 
-  It is cheaper when ``T (in + out) > out in`` (:func:`vera_prefers_dense`), which the layer
-  checks on every call; shorter inputs take the factored order.
+It is an exact rewrite (the same sums in another order); ``tests/test_fused.py`` checks values and
+every gradient against the plain formulas in float64 and with ``torch.autograd.gradcheck``. The
+layers use it only for a plain ``nn.Linear`` or GPT-2 ``Conv1D`` base with no hooks, one dtype
+throughout and no autocast (:func:`fusable`); anything else takes the generic path. It does not
+support double backward (``once_differentiable``).
 
-Both are exact rewrites (the same sums in another order); ``tests/test_fused.py`` checks values
-and every gradient against the plain formulas in float64 and with ``torch.autograd.gradcheck``.
-The layers use them only for a plain ``nn.Linear`` or GPT-2 ``Conv1D`` base with no hooks, one dtype
-throughout and no autocast (:func:`fusable`); anything else takes the generic path. Neither supports double
-backward (``once_differentiable``).
+This module imports only the leaf ``methods/layers.py`` from the package.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 from torch.nn.modules import module
+
+from lightning_lowrank.methods.layers import conv1d_type
 
 
 def fusable(base: nn.Module, x: Tensor, *tensors: Tensor) -> bool:
@@ -56,9 +52,7 @@ def _plain_forward(base: nn.Module) -> bool:
     forward = type(base).forward
     if forward is nn.Linear.forward:
         return True
-    from lightning_lowrank.methods.base import _conv1d_type  # base imports this module
-
-    conv1d = _conv1d_type()
+    conv1d = conv1d_type()
     return conv1d is not None and forward is conv1d.forward
 
 
@@ -80,7 +74,8 @@ def _global_hooks() -> bool:
     )
 
 
-def _rows(t: Tensor) -> Tensor:
+def rows(t: Tensor) -> Tensor:
+    """``t`` as a 2-D ``(tokens, features)`` matrix."""
     return t.reshape(-1, t.shape[-1])
 
 
@@ -106,8 +101,8 @@ class LowRankLinear(torch.autograd.Function):
     ) -> Tensor:
         needs = ctx.needs_input_grad
         same = x_adapter is None
-        x2 = _rows(x)
-        xa2 = x2 if x_adapter is None else _rows(x_adapter)
+        x2 = rows(x)
+        xa2 = x2 if x_adapter is None else rows(x_adapter)
         # the bias goes in with the base matmul unless the factor must scale z without it
         z = x2 @ w0.t() if bias is None or factor is not None else torch.addmm(bias, x2, w0.t())
         # u = x' A^T, computed as (A x'^T)^T: the same numbers, faster for a narrow A on CPU BLAS
@@ -136,7 +131,7 @@ class LowRankLinear(torch.autograd.Function):
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
         x2, xa2, u_t, w0, a, b, factor, z = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        g = _rows(grad)
+        g = rows(grad)
         g_factor = (g * z).sum(0) if needs[7] else None
         gz = g if factor is None else g * factor
         gx = gxa = None
@@ -179,77 +174,9 @@ def low_rank_linear(
     return out
 
 
-def vera_prefers_dense(tokens: int, out_features: int, in_features: int) -> bool:
-    """Whether VeRA's effective-weight order costs fewer multiply-adds than the factored one for
-    a call of ``tokens`` rows: ``out r in + T r (in + out) < 2 T r (in + out)``."""
-    return tokens * (in_features + out_features) > out_features * in_features
-
-
-def vera_weight(w0: Tensor, a: Tensor, b: Tensor, d: Tensor, lam_b: Tensor) -> Tensor:
-    """The effective weight ``W0 + diag(b) B diag(d) A``."""
-    return torch.addcmul(w0, lam_b[:, None], (b * d) @ a)
-
-
-class VeRALinear(torch.autograd.Function):
-    """``y = x (W0 + diag(b) B diag(d) A)^T + bias`` through the effective weight.
-
-    Inputs: ``x`` (..., in), ``w0`` (out, in), ``bias`` (out,) or None, ``a`` (r, in) and ``b``
-    (out, r) (the frozen shared pair, sliced), ``d`` (r,), ``lam_b`` (out,).
-    """
-
-    @staticmethod
-    def forward(
-        ctx: FunctionCtx,
-        x: Tensor,
-        w0: Tensor,
-        bias: Tensor | None,
-        a: Tensor,
-        b: Tensor,
-        d: Tensor,
-        lam_b: Tensor,
-    ) -> Tensor:
-        needs = ctx.needs_input_grad
-        w = vera_weight(w0, a, b, d, lam_b)
-        y = F.linear(x, w, bias)
-        x2 = _rows(x)
-        u = x2 @ a.t() if needs[5] or needs[6] else None  # for the gradients of d and b
-        ctx.save_for_backward(x2 if needs[1] else None, w, u, b, d, lam_b)
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x2, w, u, b, d, lam_b = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        g = _rows(grad)
-        gx = grad @ w if needs[0] else None
-        g_d = g_b = None
-        if needs[5] or needs[6]:
-            bc = b * (g.t() @ u)  # B_ik C_ik, (out, r)
-            g_d = lam_b @ bc if needs[5] else None
-            g_b = bc @ d if needs[6] else None
-        g_w0 = g.t() @ x2 if needs[1] else None
-        g_bias = g.sum(0) if needs[2] else None
-        return gx, g_w0, g_bias, None, None, g_d, g_b
-
-
-def vera_linear(
-    x: Tensor, w0: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, d: Tensor, lam_b: Tensor
-) -> Tensor:
-    """:class:`VeRALinear` with the base weight ``w0`` as ``(out, in)``; without autograd, one
-    dense matmul."""
-    if not torch.is_grad_enabled():
-        return F.linear(x, vera_weight(w0, a, b, d, lam_b), bias)
-    out: Tensor = VeRALinear.apply(x, w0, bias, a, b, d, lam_b)
-    return out
-
-
 __all__ = [
     "LowRankLinear",
-    "VeRALinear",
     "fusable",
+    "rows",
     "low_rank_linear",
-    "vera_linear",
-    "vera_prefers_dense",
-    "vera_weight",
 ]

@@ -23,10 +23,12 @@ from torch import Tensor, nn
 from lightning_lowrank.methods.base import (
     AdapterConfig,
     AdapterLayer,
+    PeftLayer,
     Scaling,
     Side,
     embed_or_linear,
     kaiming_uniform_,
+    peft_pair,
     scale_factor,
 )
 
@@ -114,6 +116,18 @@ class LoRALayer(AdapterLayer):
 
     def low_rank_factors(self) -> tuple[Tensor, Tensor, float]:
         return self.lora_B, self.lora_A, self.scale
+
+    def peft_form(self) -> PeftLayer:
+        """The pair itself, one to one: LoRA, rsLoRA, LoRA-FA (a frozen A is still a pair) and
+        LoRA-drop (each sharing layer writes its own copy of the shared pair)."""
+        return peft_pair(
+            self.lora_B,
+            self.lora_A,
+            self.scale,
+            self.alpha,
+            self.config.scaling == "rslora",
+            self.kind,
+        )
 
     def layer_metadata(self) -> dict[str, Any]:
         meta: dict[str, Any] = {}

@@ -25,10 +25,12 @@ from torch import Tensor, nn
 from lightning_lowrank.methods.base import (
     AdapterConfig,
     AdapterLayer,
+    PeftLayer,
     Scaling,
     Side,
     embed_or_linear,
     kaiming_uniform_,
+    peft_pair,
     scale_factor,
 )
 
@@ -98,27 +100,34 @@ class SingLoRALayer(AdapterLayer):
 
     def low_rank_factors(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(B, A, c)`` with ``dW = c * B @ A``: here ``B = A[:out]``, ``A = A[:in].T`` and
-        ``c = s * u(t)`` (0-dim tensor)."""
-        return self._factors()
+        ``c = s * u(t)`` (0-dim tensor).
 
-    def _factors(self) -> tuple[Tensor, Tensor, Tensor]:
-        # kept apart from low_rank_factors, which a composition (DoRA) may override
+        This class's own methods call it as ``SingLoRALayer.low_rank_factors(self)``: a
+        composition (DoRA) overrides ``low_rank_factors`` for its whole update, while the delta
+        these methods compute stays SingLoRA's."""
         a = self.lora_A
         return a[: self.out_features], a[: self.in_features].t(), self.scale * self.ramp_value()
 
+    def peft_form(self) -> PeftLayer:
+        """``dW = s u(t) A[:out] A[:in]^T`` is the pair ``B = A[:out]``, ``A' = u(t) A[:in]^T``:
+        exact on square and non-square layers alike, the ramp's current value folded into A'."""
+        b, a, c = SingLoRALayer.low_rank_factors(self)
+        cfg = self.config
+        return peft_pair(b, a, c, cfg.alpha, cfg.scaling == "rslora", self.kind)
+
     def fused_output(self, x: Tensor) -> Tensor | None:
-        b, a, c = self._factors()
+        b, a, c = SingLoRALayer.low_rank_factors(self)
         return self.fused_low_rank(x, a, b * c.to(b.dtype), 1.0)  # u(t) folded into (out, r)
 
     def adapter_forward(self, x: Tensor) -> Tensor:
-        b, a, c = self._factors()
+        b, a, c = SingLoRALayer.low_rank_factors(self)
         if self.kind != "embedding":
             x = x.to(a.dtype)
         h = embed_or_linear(self, x, a)
         return F.linear(h * c.to(h.dtype), b)
 
     def delta_weight(self) -> Tensor:
-        b, a, c = self._factors()
+        b, a, c = SingLoRALayer.low_rank_factors(self)
         return (b @ a) * c.to(b.dtype)
 
     def param_sides(self) -> dict[str, Side]:

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from lightning_lowrank.methods.base import (
     AdapterConfig,
     AdapterLayer,
+    PeftExportError,
     Scaling,
     Side,
     kaiming_uniform_,
@@ -205,6 +206,13 @@ class SLTrainLayer(AdapterLayer):
     def low_rank_factors(self) -> None:
         """None: the sparse part makes ``s * B @ A + S`` no low-rank product."""
         return None
+
+    def peft_form(self) -> None:
+        """Always refuses: ``S`` is a full-rank update that PEFT's LoRA format cannot hold."""
+        raise PeftExportError(
+            "SLTrain's sparse part S is a full-rank update that PEFT's LoRA format cannot hold. "
+            "Call unload(model) and save the merged model (save_pretrained) instead"
+        )
 
     def adapter_forward(self, x: Tensor) -> Tensor:
         x = x.to(self.lora_A.dtype)

@@ -15,7 +15,16 @@ the update's rank is then simply at most ``min(out, in)``.
 
 The forward pass takes whichever of two exact orders costs fewer multiply-adds for the input at
 hand: the factored ``base(x) + ((x @ A.T) * d) @ B.T * b``, or, on a plain linear layer with
-enough tokens, the effective weight ``W0 + dW`` (``methods/fused.py``, ``VeRALinear``).
+enough tokens, the effective weight ``W0 + dW`` (:class:`VeRALinear`). The factored order costs
+``2 T r (in + out)`` multiply-adds per call of ``T`` tokens (forward and backward through two
+``r``-wide products); the effective-weight order costs ``out r in + T r (in + out)``: one
+``(out, in)`` product, the base matmuls run on ``W`` instead of ``W0``, and the gradients of ``d``
+and ``b`` come from ``C = g^T (x A^T)``:
+
+    dL/db_i = sum_k B_ik d_k C_ik,    dL/dd_k = sum_i b_i B_ik C_ik.
+
+It is cheaper when ``T (in + out) > out in`` (:func:`vera_prefers_dense`), which the layer checks
+on every call. Both orders are exact; ``tests/test_fused.py`` checks values and gradients.
 """
 
 from __future__ import annotations
@@ -26,16 +35,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx, once_differentiable
 
-from lightning_lowrank.methods.base import (
-    AdapterConfig,
-    AdapterLayer,
-    Side,
-    layer_kind,
-    layer_shape,
-    weight_oi,
-)
-from lightning_lowrank.methods.fused import fusable, vera_linear, vera_prefers_dense
+from lightning_lowrank.methods.base import AdapterConfig, AdapterLayer, PeftLayer, Side, peft_pair
+from lightning_lowrank.methods.fused import fusable, rows
+from lightning_lowrank.methods.layers import layer_kind, layer_shape, weight_oi
 
 
 @dataclass
@@ -117,6 +121,71 @@ def kaiming_uniform_generated(t: Tensor, generator: torch.Generator) -> Tensor:
     return nn.init.kaiming_uniform_(t, a=5**0.5, generator=generator)
 
 
+def vera_prefers_dense(tokens: int, out_features: int, in_features: int) -> bool:
+    """Whether VeRA's effective-weight order costs fewer multiply-adds than the factored one for
+    a call of ``tokens`` rows: ``out r in + T r (in + out) < 2 T r (in + out)``."""
+    return tokens * (in_features + out_features) > out_features * in_features
+
+
+def vera_weight(w0: Tensor, a: Tensor, b: Tensor, d: Tensor, lam_b: Tensor) -> Tensor:
+    """The effective weight ``W0 + diag(b) B diag(d) A``."""
+    return torch.addcmul(w0, lam_b[:, None], (b * d) @ a)
+
+
+class VeRALinear(torch.autograd.Function):
+    """``y = x (W0 + diag(b) B diag(d) A)^T + bias`` through the effective weight.
+
+    Inputs: ``x`` (..., in), ``w0`` (out, in), ``bias`` (out,) or None, ``a`` (r, in) and ``b``
+    (out, r) (the frozen shared pair, sliced), ``d`` (r,), ``lam_b`` (out,).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        x: Tensor,
+        w0: Tensor,
+        bias: Tensor | None,
+        a: Tensor,
+        b: Tensor,
+        d: Tensor,
+        lam_b: Tensor,
+    ) -> Tensor:
+        needs = ctx.needs_input_grad
+        w = vera_weight(w0, a, b, d, lam_b)
+        y = F.linear(x, w, bias)
+        x2 = rows(x)
+        u = x2 @ a.t() if needs[5] or needs[6] else None  # for the gradients of d and b
+        ctx.save_for_backward(x2 if needs[1] else None, w, u, b, d, lam_b)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x2, w, u, b, d, lam_b = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        g = rows(grad)
+        gx = grad @ w if needs[0] else None
+        g_d = g_b = None
+        if needs[5] or needs[6]:
+            bc = b * (g.t() @ u)  # B_ik C_ik, (out, r)
+            g_d = lam_b @ bc if needs[5] else None
+            g_b = bc @ d if needs[6] else None
+        g_w0 = g.t() @ x2 if needs[1] else None
+        g_bias = g.sum(0) if needs[2] else None
+        return gx, g_w0, g_bias, None, None, g_d, g_b
+
+
+def vera_linear(
+    x: Tensor, w0: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, d: Tensor, lam_b: Tensor
+) -> Tensor:
+    """:class:`VeRALinear` with the base weight ``w0`` as ``(out, in)``; without autograd, one
+    dense matmul."""
+    if not torch.is_grad_enabled():
+        return F.linear(x, vera_weight(w0, a, b, d, lam_b), bias)
+    out: Tensor = VeRALinear.apply(x, w0, bias, a, b, d, lam_b)
+    return out
+
+
 class VeRALayer(AdapterLayer):
     """A base layer plus ``diag(b) B[:out] diag(d) A[:, :in]``. See :class:`VeRA`."""
 
@@ -136,13 +205,13 @@ class VeRALayer(AdapterLayer):
             torch.zeros(self.out_features, dtype=w.dtype, device=w.device)
         )
 
-    def factors(self) -> tuple[Tensor, Tensor]:
+    def shared_slices(self) -> tuple[Tensor, Tensor]:
         """This layer's slices ``(B[:out], A[:, :in])`` of the shared pair."""
         return self.shared.B[: self.out_features], self.shared.A[:, : self.in_features]
 
     def fused_output(self, x: Tensor) -> Tensor | None:
         # with enough tokens the effective-weight order is cheaper (methods/fused.py)
-        b, a = self.factors()
+        b, a = self.shared_slices()
         d, lam_b = self.vera_lambda_d, self.vera_lambda_b
         tokens = x.numel() // x.shape[-1]
         if not vera_prefers_dense(tokens, self.out_features, self.in_features):
@@ -152,13 +221,28 @@ class VeRALayer(AdapterLayer):
         return vera_linear(x, weight_oi(self.base), self.base.bias, a, b, d, lam_b)
 
     def adapter_forward(self, x: Tensor) -> Tensor:
-        b, a = self.factors()
+        b, a = self.shared_slices()
         h = F.linear(x.to(a.dtype), a) * self.vera_lambda_d
         return F.linear(h, b) * self.vera_lambda_b
 
     def delta_weight(self) -> Tensor:
-        b, a = self.factors()
+        b, a = self.shared_slices()
         return self.vera_lambda_b[:, None] * (b * self.vera_lambda_d) @ a
+
+    def peft_form(self) -> PeftLayer:
+        """``dW = diag(b) B diag(d) A`` is the pair ``(diag(b) B[:out], diag(d) A[:, :in])`` at
+        VeRA's rank with scale 1 (``alpha = r``): exact, though the file holds dense factors, not
+        just ``b`` and ``d``."""
+        b, a = self.shared_slices()
+        r = a.shape[0]
+        return peft_pair(
+            self.vera_lambda_b[:, None] * b,
+            self.vera_lambda_d[:, None] * a,
+            1.0,
+            float(r),
+            False,
+            self.kind,
+        )
 
     def param_sides(self) -> dict[str, Side]:
         # d scales the rank space (after A), b the output (after B); both are 1-D, and the

@@ -1,0 +1,63 @@
+"""The base layers an adapter can wrap, their shapes and their weights in ``(out, in)`` orientation.
+
+A leaf module: it imports nothing else from the package, so the protocol (``methods/base.py``) and
+the fused passes (``methods/fused.py``) can both rely on it without importing each other.
+
+Weights are always spoken of in ``(out, in)`` orientation. ``nn.Linear`` stores ``(out, in)``;
+transformers' GPT-2 ``Conv1D`` stores ``(in, out)``; an embedding table stores
+``(num_embeddings, embedding_dim)``, treated as the transpose of an ``(out, in)`` matrix with
+``in = num_embeddings`` (the input is a one-hot vector).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+
+def conv1d_type() -> type | None:
+    """transformers' ``Conv1D`` class, or None when transformers is not installed."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except Exception:  # transformers is optional
+        return None
+    return Conv1D
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """Return ``"linear"``, ``"conv1d"`` or ``"embedding"`` for a supported base layer, else None."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    conv1d = conv1d_type()
+    if conv1d is not None and isinstance(module, conv1d):
+        return "conv1d"
+    return None
+
+
+def layer_shape(module: nn.Module) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a supported base layer, in ``(out, in)`` orientation."""
+    kind = layer_kind(module)
+    if kind == "linear":
+        return module.out_features, module.in_features
+    if kind == "conv1d":
+        return module.weight.shape[1], module.weight.shape[0]
+    if kind == "embedding":
+        return module.embedding_dim, module.num_embeddings
+    raise TypeError(
+        f"unsupported layer type {type(module).__name__}: adapters wrap nn.Linear, "
+        "transformers' Conv1D and nn.Embedding"
+    )
+
+
+def weight_oi(module: nn.Module) -> Tensor:
+    """The base weight as an ``(out, in)`` view that shares storage with the parameter."""
+    kind = layer_kind(module)
+    if kind == "linear":
+        return module.weight
+    if kind in ("conv1d", "embedding"):
+        return module.weight.t()
+    raise TypeError(f"unsupported layer type {type(module).__name__}")
+
+
+__all__ = ["conv1d_type", "layer_kind", "layer_shape", "weight_oi"]
