@@ -24,8 +24,7 @@ from torch import nn
 
 from benchmarks.common import Runner, floor_step_fn, fresh_copy, median, time_interleaved
 from lightning_lowrank.inject import adapter_layers
-from lightning_lowrank.methods.vera import vera_prefers_dense
-from lightning_lowrank.methods.vera import VeRALayer
+from lightning_lowrank.methods.vera import VeRALayer, vera_prefers_dense
 
 
 def adapter_multiply_adds(layer: nn.Module, tokens: int) -> int:

@@ -32,7 +32,7 @@ from lightning_lowrank.methods import (
     LoRALayer,
     config_from_dict,
 )
-from lightning_lowrank.methods import base as methods_base
+from lightning_lowrank.methods import registry as methods_registry
 from lightning_lowrank.peft import read_peft
 from tests.conftest import MLP
 from tests.methods.user_variant import MyLoRA, MyLoRALayer
@@ -62,10 +62,10 @@ def _trained(config: AdapterConfig, steps: int = 5) -> MLP:
 @pytest.fixture
 def registry():
     """Restores the config registry after a test that defines throwaway configs."""
-    saved = dict(methods_base._REGISTRY)
+    saved = dict(methods_registry._REGISTRY)
     yield
-    methods_base._REGISTRY.clear()
-    methods_base._REGISTRY.update(saved)
+    methods_registry._REGISTRY.clear()
+    methods_registry._REGISTRY.update(saved)
 
 
 def test_the_variant_registers_by_name_with_its_own_layer_and_init():
