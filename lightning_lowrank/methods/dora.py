@@ -89,8 +89,10 @@ class DoRAMagnitude:
     """DoRA's magnitude over any low-rank layer whose delta factors as ``c * B @ A``.
 
     Mixed in before the delta's layer class (``class X(DoRAMagnitude, LoRALayer)``): the delta
-    layer keeps its parameters, forward and ramp; this class adds ``magnitude`` and replaces the
-    forward, ``delta_weight``, ``merge`` and ``unmerge``.
+    layer keeps its parameters, forward, ramp and ``low_rank_factors`` (read here as
+    :meth:`direction_factors`); this class adds ``magnitude`` and replaces the forward,
+    ``delta_weight``, ``merge``, ``unmerge``, ``low_rank_factors`` (None: the whole update is not
+    low-rank) and ``peft_form`` (the delta layer's pair plus the magnitude).
     """
 
     # provided by the AdapterLayer subclass this is mixed into
