@@ -12,19 +12,24 @@ and the triplet score of rank slot ``i`` of a layer is
 ``score(lambda_i) + mean_j score(Q[i, j]) + mean_j score(P[j, i])``.
 
 With ``b0 = init_rank * L`` and ``bT = target_rank * L`` slots over ``L`` layers and ``T`` total
-steps, the budget (total kept slots) is
+steps, the budget (total kept slots) is by default the paper's cubic schedule
+(:func:`~lightning_lowrank.schedules.adalora.budget.cubic_budget`)
 
     b(t) = b0                                                        t <= t_init
     b(t) = int(bT + (b0 - bT) * (1 - (t - t_init) / (T - t_final - t_init))^3)
                                                                      t_init < t <= T - t_final
     b(t) = bT                                                        t > T - t_final
 
-While the budget falls, every ``delta_t`` steps the ``b(t)`` slots with the highest triplet scores
-over all layers (one global threshold) are kept and the others get ``lambda = 0`` (soft masking:
-they keep receiving gradients and may come back at the next masking). At the first step of the
-final phase the pattern is chosen once more, with budget ``bT``, and then fixed: after every later
-step the masked lambdas are zeroed again. Importance EMAs stop updating at ``T - t_final`` as in the
-official code.
+and any other ``b(t)`` can be passed as ``RankAllocator(budget=...)`` (a number or a callable of
+the step, resolved at every masking; see :mod:`lightning_lowrank.schedules.adalora.budget`).
+
+The phases come from the config whatever the budget: no masking while ``t <= t_init``; while
+``t_init < t <= T - t_final``, every ``delta_t`` steps the ``b(t)`` slots with the highest triplet
+scores over all layers (one global threshold) are kept and the others get ``lambda = 0`` (soft
+masking: they keep receiving gradients and may come back at the next masking). At the first step of
+the final phase the pattern is chosen once more, with budget ``b(t)`` (``bT`` for the default), and
+then fixed: after every later step the masked lambdas are zeroed again. Importance EMAs stop
+updating at ``T - t_final`` as in the official code.
 
 The orthogonality regulariser ``gamma * mean over matrices of ||P^T P - I||_F and ||Q Q^T - I||_F``
 is applied by adding its gradient after the gradients are complete (and DDP-synced), before the
@@ -46,95 +51,66 @@ from torch import Tensor, nn
 
 from lightning_lowrank.methods.adalora import AdaLoRA, AdaLoRALayer
 from lightning_lowrank.methods.base import AdapterLayer
+from lightning_lowrank.schedules.adalora.budget import (
+    Budget,
+    check_budget,
+    cubic_budget,
+    resolve_budget,
+)
+from lightning_lowrank.schedules.adalora.orthogonality import adalora_layers, add_orthogonality_grad
 from lightning_lowrank.schedules.base import Schedule
 
 
-def _adalora_layers(layers: dict[str, AdapterLayer]) -> dict[str, AdaLoRALayer]:
-    wrong = [n for n, layer in layers.items() if not isinstance(layer, AdaLoRALayer)]
-    if wrong:
-        raise TypeError(f"the rank allocator needs AdaLoRA layers; these are not: {wrong[:3]}")
-    return layers  # type: ignore[return-value]
+def _layers_config(layers: dict[str, AdaLoRALayer]) -> AdaLoRA:
+    """The one config the layers were built with (``inject`` gives every layer the same)."""
+    configs = [layer.config for layer in layers.values()]
+    first = configs[0]
+    if not isinstance(first, AdaLoRA) or any(c != first for c in configs[1:]):
+        raise ValueError(
+            "the AdaLoRA layers were built with different configs: pass the one the schedule "
+            "should follow, RankAllocator(config=AdaLoRA(...))"
+        )
+    return first
 
 
-def _factors(layers: dict[str, AdaLoRALayer]) -> list[tuple[Tensor, bool]]:
-    """``(matrix, rows_orthonormal)`` for every Q (rows) and P (columns) with at least one slot."""
-    mats: list[tuple[Tensor, bool]] = []
-    for layer in layers.values():
-        if layer.rank > 0:
-            mats += [(layer.lora_A, True), (layer.lora_B, False)]
-    return mats
-
-
-def orthogonality_loss(layers: dict[str, AdapterLayer], gamma: float) -> Tensor:
-    """``gamma * mean over matrices of ||Q Q^T - I||_F and ||P^T P - I||_F``, differentiable.
-
-    For plain training loops; inside a Trainer the allocator adds the gradient of this term itself
-    (:func:`add_orthogonality_grad`), so do not add it to the loss there as well.
-    """
-    mats = _factors(_adalora_layers(layers))
-    if not mats:
-        raise ValueError("no AdaLoRA layer has a rank slot: nothing to regularise")
-    terms = []
-    for m, rows in mats:
-        gram = m @ m.T if rows else m.T @ m
-        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-        terms.append(torch.linalg.matrix_norm(gram - eye))
-    return gamma * torch.stack(terms).mean()
-
-
-@torch.no_grad()
-def add_orthogonality_grad(layers: dict[str, AdapterLayer], gamma: float) -> None:
-    """Add the gradient of :func:`orthogonality_loss` to the ``.grad`` of every P and Q.
-
-    For ``G = Q Q^T - I`` the gradient of ``||G||_F`` with respect to ``Q`` is ``2 G Q / ||G||_F``
-    (``2 P G / ||G||_F`` with ``G = P^T P - I`` for P); each is scaled by ``gamma / n``, ``n`` the
-    number of matrices. Only ``(r, r)`` Gram matrices are formed, and matrices of equal shape are
-    handled together in batched matmuls (a handful of kernels for a whole model).
-    """
-    mats = _factors(_adalora_layers(layers))
-    if not mats or gamma == 0:
-        return
-    coef = 2.0 * gamma / len(mats)
-    groups: dict[tuple, list[Tensor]] = {}
-    for m, rows in mats:
-        if m.requires_grad:
-            groups.setdefault((tuple(m.shape), rows, m.dtype, m.device), []).append(m)
-    for (_, rows, _, _), members in groups.items():
-        stacked = torch.stack([m.detach() for m in members])
-        # P (out, r) is handled as P^T (r, out): then both are "rows" of shape (k, r, d)
-        x = stacked if rows else stacked.transpose(1, 2)
-        gram = torch.bmm(x, x.transpose(1, 2))
-        gram.diagonal(dim1=1, dim2=2).sub_(1.0)
-        # a tensor norm, not .item(): no device synchronisation
-        norm = torch.linalg.matrix_norm(gram).clamp_min(torch.finfo(gram.dtype).tiny)
-        grad = torch.bmm(gram, x).mul_((coef / norm)[:, None, None])
-        if not rows:
-            grad = grad.transpose(1, 2)  # (G P^T)^T = P G, G being symmetric
-        existing, additions = [], []
-        for m, g in zip(members, grad.unbind(0), strict=True):
-            if m.grad is None:
-                m.grad = g.clone(memory_format=torch.contiguous_format)
-            else:
-                existing.append(m.grad)
-                additions.append(g)
-        if existing:
-            torch._foreach_add_(existing, additions)
+def _check_fits(cfg: AdaLoRA, total: int) -> None:
+    if cfg.t_init + cfg.t_final >= total:
+        raise ValueError(
+            f"the AdaLoRA schedule does not fit the run: t_init ({cfg.t_init}) + t_final "
+            f"({cfg.t_final}) must be < total steps ({total}), leaving steps for the budget to "
+            "fall. Lower t_init / t_final, train longer (Trainer max_steps) or set "
+            "AdaLoRA(total_steps=...)"
+        )
 
 
 class RankAllocator(Schedule):
-    """AdaLoRA's importance scores, cubic budget and global soft masking. See the module docstring.
+    """AdaLoRA's importance scores, budget schedule and global soft masking. See the module
+    docstring.
 
-    ``LowRankCallback`` adds one automatically when its method is :class:`AdaLoRA`. Without a
+    ``LowRankCallback`` adds one automatically when its method is :class:`AdaLoRA` and none is in
+    its ``schedules``; pass your own to change the budget, e.g.
+    ``LowRankCallback(AdaLoRA(...), schedules=[RankAllocator(budget=my_budget)])``. Without a
     Trainer call :meth:`setup` once, then per optimizer step :meth:`before_optimizer_step` (after
     ``backward``) and :meth:`after_optimizer_step` (after ``optimizer.step()``, before
     ``zero_grad``).
 
     Args:
-        config: the AdaLoRA config (schedule knobs, ``orth_reg`` and optionally ``total_steps``).
+        config: the AdaLoRA config (schedule knobs, ``orth_reg`` and optionally ``total_steps``);
+            ``None`` takes the config the layers were built with, at :meth:`setup`.
+        budget: the kept rank slots ``b(t)`` over all layers: ``None`` for the paper's cubic
+            schedule, a number of slots (``int``), a fraction of the initial slots (``float`` in
+            ``[0, 1]``), or a callable of the optimizer step returning either, resolved at every
+            masking (see :mod:`lightning_lowrank.schedules.adalora.budget`).
+
+    Raises:
+        TypeError: ``budget`` is not ``None``, a number or a callable.
+        ValueError: a constant ``budget`` that is negative or a fraction outside ``[0, 1]``.
     """
 
-    def __init__(self, config: AdaLoRA) -> None:
+    def __init__(self, config: AdaLoRA | None = None, budget: Budget | None = None) -> None:
+        check_budget(budget)
         self.config = config
+        self.budget_schedule = budget
         self.total_steps: int | None = None
         self.names: list[str] = []
         self.initial_budget = 0
@@ -155,34 +131,35 @@ class RankAllocator(Schedule):
         """Check that the schedule fits the run and record the starting rank pattern.
 
         Raises:
-            ValueError: ``t_init + t_final >= T`` or ``target_rank > init_rank``.
+            ValueError: ``t_init + t_final >= T``, ``target_rank > init_rank``, layers built from
+                different configs while ``config`` is ``None``, or a constant ``budget`` above
+                the initial slots.
         """
-        cfg = self.config
-        self._layers = _adalora_layers(layers)
-        if not self._layers:
+        adalora = adalora_layers(layers)
+        if not adalora:
             raise ValueError("the rank allocator got no layers: check target_modules")
+        cfg = self.config if self.config is not None else _layers_config(adalora)
         if cfg.target_rank > cfg.init_rank:
             raise ValueError(
                 f"AdaLoRA target_rank ({cfg.target_rank}) exceeds init_rank ({cfg.init_rank}): "
                 "lower target_rank or raise init_rank"
             )
-        self.total_steps = cfg.total_steps if cfg.total_steps is not None else total_steps
-        if self.total_steps is not None:
-            self._check_fits(self.total_steps)
-        self.names = list(self._layers)
-        self.initial_budget = sum(layer.rank for layer in self._layers.values())
-        self.target_budget = min(cfg.target_rank * len(self.names), self.initial_budget)
+        total = cfg.total_steps if cfg.total_steps is not None else total_steps
+        if total is not None:
+            _check_fits(cfg, total)
+        initial = sum(layer.rank for layer in adalora.values())
+        if self.budget_schedule is not None and not callable(self.budget_schedule):
+            resolve_budget(self.budget_schedule, initial)
+        self.config, self._layers, self.total_steps = cfg, adalora, total
+        self.names = list(adalora)
+        self.initial_budget = initial
+        self.target_budget = min(cfg.target_rank * len(self.names), initial)
         self._record(0)
 
-    def _check_fits(self, total: int) -> None:
-        cfg = self.config
-        if cfg.t_init + cfg.t_final >= total:
-            raise ValueError(
-                f"the AdaLoRA schedule does not fit the run: t_init ({cfg.t_init}) + t_final "
-                f"({cfg.t_final}) must be < total steps ({total}), leaving steps for the budget to "
-                "fall. Lower t_init / t_final, train longer (Trainer max_steps) or set "
-                "AdaLoRA(total_steps=...)"
-            )
+    def _cfg(self) -> AdaLoRA:
+        if self.config is None:
+            raise RuntimeError("the rank allocator is not set up: call setup(model, layers, T)")
+        return self.config
 
     def _total(self) -> int:
         if self.total_steps is None:
@@ -196,38 +173,61 @@ class RankAllocator(Schedule):
         self, model: nn.Module, layers: dict[str, AdapterLayer], step: int
     ) -> None:
         """Add the orthogonality regulariser's gradient (gradients are complete and synced)."""
-        add_orthogonality_grad(layers, self.config.orth_reg)
+        add_orthogonality_grad(layers, self._cfg().orth_reg)
 
     def after_optimizer_step(
         self, model: nn.Module, layers: dict[str, AdapterLayer], step: int
     ) -> None:
         """Update the importance EMAs and, when the schedule says so, the masks."""
-        self.update_and_mask(_adalora_layers(layers), step)
+        self.update_and_mask(adalora_layers(layers), step)
 
     # --- the algorithm ----------------------------------------------------------------------
     def budget(self, step: int) -> tuple[int, bool]:
-        """``(b(t), whether to mask at step t)``; see the module docstring."""
-        cfg = self.config
+        """``(b(t), whether to mask at step t)``; see the module docstring.
+
+        ``b(t)`` is the ``budget`` argument resolved at ``step`` (the cubic schedule by default);
+        whether to mask follows the config's phases: never while ``t <= t_init``, every
+        ``delta_t`` steps until ``T - t_final``, and at every later step (the first of them
+        chooses the final pattern, the others re-apply it).
+
+        Raises:
+            ValueError: the total steps are unknown, or the budget at ``step`` lies outside
+                ``[0, b0]`` slots (``[0, 1]`` as a fraction).
+            TypeError: the budget callable returned something other than a number.
+        """
+        cfg = self._cfg()
         total = self._total()
-        b0, bT = self.initial_budget, self.target_budget
+        if self.budget_schedule is None:
+            slots = cubic_budget(
+                step, self.initial_budget, self.target_budget, total, cfg.t_init, cfg.t_final
+            )
+        else:
+            value = (
+                self.budget_schedule(step)
+                if callable(self.budget_schedule)
+                else self.budget_schedule
+            )
+            slots = resolve_budget(value, self.initial_budget, step)
         if step <= cfg.t_init:
-            return b0, False
+            return slots, False
         if step > total - cfg.t_final:
-            return bT, True
-        fraction = 1.0 - (step - cfg.t_init) / (total - cfg.t_final - cfg.t_init)
-        return int(bT + (b0 - bT) * fraction**3), step % cfg.delta_t == 0
+            return slots, True
+        return slots, step % cfg.delta_t == 0
 
     def update_and_mask(self, layers: dict[str, AdaLoRALayer], step: int) -> None:
-        """One optimizer step of the allocator: EMAs, then masking if the schedule says so."""
+        """One optimizer step of the allocator: EMAs, then masking if the schedule says so.
+
+        The budget is resolved first, so that a budget callable's bad value changes nothing.
+        """
         total = self._total()
+        budget, mask_now = self.budget(step)
         self.step = step
         self.num_updates += 1
-        if step < total - self.config.t_final:
+        if step < total - self._cfg().t_final:
             self.update_importance(layers)
-        budget, mask_now = self.budget(step)
         if not mask_now:
             return
-        if step > total - self.config.t_final:
+        if step > total - self._cfg().t_final:
             if not self.fixed:
                 self.mask_to_budget(layers, budget)
                 self.fixed = True
@@ -260,10 +260,10 @@ class RankAllocator(Schedule):
         if ipt[0].dtype != self.ipt[0].dtype:
             ipt = [t.to(self.ipt[0].dtype) for t in ipt]
         # lerp_(avg, x, 1 - beta) is beta * avg + (1 - beta) * x
-        torch._foreach_lerp_(self.ipt, ipt, 1.0 - self.config.beta1)
+        torch._foreach_lerp_(self.ipt, ipt, 1.0 - self._cfg().beta1)
         torch._foreach_sub_(ipt, self.ipt)
         torch._foreach_abs_(ipt)
-        torch._foreach_lerp_(self.unc, ipt, 1.0 - self.config.beta2)
+        torch._foreach_lerp_(self.unc, ipt, 1.0 - self._cfg().beta2)
 
     def _ensure_state(self, params: list[Tensor]) -> None:
         if not self.ipt:
