@@ -32,7 +32,7 @@ from typing_extensions import override
 from lightning_lowrank.inject import adapter_layers, inject, trainable_parameter_count
 from lightning_lowrank.methods.base import AdapterConfig, AdapterLayer
 from lightning_lowrank.optim import split_optimizer
-from lightning_lowrank.schedules import Schedule, default_schedules
+from lightning_lowrank.schedules import RankAllocator, Schedule, default_schedules
 from lightning_lowrank.sharing import retie_shared
 
 
@@ -51,7 +51,10 @@ class LowRankCallback(Callback):
             (16 recommended). ``None`` leaves the optimizer as ``configure_optimizers`` built it.
         embedding_lr: LoRA+: the learning rate of adapters on embedding layers.
         schedules: scheduled methods such as ``DeltaLoRA(...)`` or ``LoRADrop(...)``. AdaLoRA's
-            rank allocator is added automatically when ``method`` is ``AdaLoRA``.
+            rank allocator is added automatically when ``method`` is ``AdaLoRA`` and no
+            ``RankAllocator`` is given here (pass one to change its budget). Each schedule's
+            checkpoint state is stored under its ``state_key``, so the keys must be unique; the
+            order does not matter on resume.
         save_adapter_only: drop frozen base weights from checkpoints (they are reloaded from the
             base model); resume then loads non-strictly for exactly those keys.
         total_steps: total optimizer steps for schedules that need it; by default the Trainer's
@@ -76,13 +79,16 @@ class LowRankCallback(Callback):
             )
         if lr_ratio is not None and lr_ratio <= 0:
             raise ValueError(f"lr_ratio must be positive, got {lr_ratio}")
+        given = list(schedules)
+        everything = given + default_schedules(method, given)
+        _check_schedules(method, everything)
         self.method = method
         self.target_modules = target_modules
         self.exclude_modules = exclude_modules
         self.train_modules = train_modules
         self.lr_ratio = lr_ratio
         self.embedding_lr = embedding_lr
-        self.schedules: list[Schedule] = list(schedules) + default_schedules(method)
+        self.schedules: list[Schedule] = everything
         self.save_adapter_only = save_adapter_only
         self.total_steps = total_steps
         self.layers: dict[str, AdapterLayer] = {}
@@ -239,20 +245,53 @@ class LowRankCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {
             "last_step": self._last_step,
-            "schedules": [s.state_dict() for s in self.schedules],
+            "schedules": {s.state_key: s.state_dict() for s in self.schedules},
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._last_step = state_dict["last_step"]
         saved = state_dict["schedules"]
-        if len(saved) != len(self.schedules):
-            raise ValueError(
-                f"checkpoint has state for {len(saved)} schedules, this callback has "
-                f"{len(self.schedules)}: resume with the same schedules"
-            )
-        for schedule, state in zip(self.schedules, saved, strict=True):
+        if isinstance(saved, list):
+            # checkpoints written before the state was keyed hold a list in schedule order
+            if len(saved) != len(self.schedules):
+                raise ValueError(
+                    f"checkpoint has state for {len(saved)} schedules, this callback has "
+                    f"{len(self.schedules)}: resume with the same schedules"
+                )
+            states = saved
+        else:
+            keys = [s.state_key for s in self.schedules]
+            missing = [k for k in keys if k not in saved]
+            unexpected = [k for k in saved if k not in keys]
+            if missing or unexpected:
+                raise ValueError(
+                    "the checkpoint's schedules do not match this callback's: "
+                    f"missing from the checkpoint {missing}, not in this callback {unexpected}. "
+                    "Resume with the same schedules (their order does not matter)"
+                )
+            states = [saved[k] for k in keys]
+        self._last_step = state_dict["last_step"]
+        for schedule, state in zip(self.schedules, states, strict=True):
             schedule.load_state_dict(state)
+
+
+def _check_schedules(method: AdapterConfig, schedules: list[Schedule]) -> None:
+    """Refuse schedules whose checkpoint keys clash, and an allocator that follows another
+    config than ``method``, before anything is built."""
+    keys = [s.state_key for s in schedules]
+    clashes = sorted({k for k in keys if keys.count(k) > 1})
+    if clashes:
+        raise ValueError(
+            f"several schedules have the state key {clashes}: their checkpoint states would "
+            "overwrite each other. Pass each schedule once, or give a subclass its own state_key"
+        )
+    for s in schedules:
+        if isinstance(s, RankAllocator) and s.config is not None and s.config != method:
+            raise ValueError(
+                f"the RankAllocator follows {s.config!r}, the callback's method is {method!r}: "
+                "pass RankAllocator(budget=...) without a config (it takes the method's), or "
+                "the same AdaLoRA config to both"
+            )
 
 
 def _owning_layer(name: str, layers: dict[str, AdapterLayer]) -> str | None:

@@ -49,11 +49,23 @@ class Schedule:
     ) -> None:
         """Called once after each optimizer step; ``step`` already counts it."""
 
+    @property
+    def state_key(self) -> str:
+        """The key of this schedule's state in the callback's checkpoint state.
+
+        The class name by default: stable across releases and module moves, and independent of
+        the schedule's position in ``LowRankCallback(schedules=[...])``. Keys must be unique
+        within one callback: a subclass that can run twice in one callback overrides this with a
+        key built from what tells the instances apart (as Lightning's ``Callback.state_key``).
+        """
+        return type(self).__qualname__
+
     def checkpoint_keeps_base(self) -> bool:
         """Whether adapter-only checkpoints must keep the adapted layers' base weights."""
         return False
 
     def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue exactly; saved under :attr:`state_key`."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
