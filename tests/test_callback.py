@@ -175,6 +175,91 @@ def test_resume_from_adapter_only_checkpoint_matches_uninterrupted_run(tmp_path)
         torch.testing.assert_close(_adapter_state(resumed)[key], value, rtol=0, atol=0)
 
 
+class BeforeRecorder(Schedule):
+    """A second stateful schedule, with state of another shape than StepRecorder's."""
+
+    def __init__(self):
+        self.before: list[int] = []
+
+    def before_optimizer_step(self, model, layers, step):
+        self.before.append(step)
+
+    def state_dict(self):
+        return {"before": list(self.before)}
+
+    def load_state_dict(self, state):
+        self.before = list(state["before"])
+
+
+def _keyed_run(tmp_path, steps, schedules, resume_from=None, save_every=None):
+    callbacks = [LowRankCallback(LoRA(rank=2), target_modules=["net.0"], schedules=schedules)]
+    if save_every:
+        callbacks.append(
+            ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=save_every, save_top_k=-1)
+        )
+    trainer = _trainer(
+        tmp_path, max_steps=steps, callbacks=callbacks, enable_checkpointing=bool(save_every)
+    )
+    trainer.fit(Net(), ckpt_path=resume_from)
+
+
+def test_schedule_state_is_keyed_and_resumes_in_any_order(tmp_path):
+    _keyed_run(tmp_path / "a", 3, [StepRecorder(), BeforeRecorder()], save_every=3)
+    ckpt = tmp_path / "a" / "epoch=2-step=3.ckpt"
+    saved = torch.load(ckpt, weights_only=False)["callbacks"]["LowRankCallback"]["schedules"]
+    assert saved == {"StepRecorder": {"steps": [1, 2, 3]}, "BeforeRecorder": {"before": [0, 1, 2]}}
+    # the same schedules in the other order: each gets its own state back
+    steps, before = StepRecorder(), BeforeRecorder()
+    _keyed_run(tmp_path / "b", 5, [before, steps], resume_from=ckpt)
+    assert steps.steps == [1, 2, 3, 4, 5]
+    assert before.before == [0, 1, 2, 3, 4]
+
+
+def test_resume_with_other_schedules_names_them(tmp_path):
+    _keyed_run(tmp_path / "a", 3, [StepRecorder()], save_every=3)
+    ckpt = tmp_path / "a" / "epoch=2-step=3.ckpt"
+    with pytest.raises(
+        ValueError,
+        match=r"missing from the checkpoint \['BeforeRecorder'\], not in this callback \[\]",
+    ):
+        _keyed_run(tmp_path / "b", 5, [StepRecorder(), BeforeRecorder()], resume_from=ckpt)
+    with pytest.raises(
+        ValueError,
+        match=r"missing from the checkpoint \['BeforeRecorder'\], "
+        r"not in this callback \['StepRecorder'\]. Resume with the same schedules",
+    ):
+        _keyed_run(tmp_path / "c", 5, [BeforeRecorder()], resume_from=ckpt)
+
+
+def test_positional_schedule_state_of_older_checkpoints_still_loads():
+    steps, before = StepRecorder(), BeforeRecorder()
+    cb = LowRankCallback(LoRA(rank=2), schedules=[steps, before])
+    cb.load_state_dict({"last_step": 3, "schedules": [{"steps": [1, 2, 3]}, {"before": [0, 1]}]})
+    assert cb._last_step == 3 and steps.steps == [1, 2, 3] and before.before == [0, 1]
+    with pytest.raises(ValueError, match="state for 1 schedules, this callback has 2"):
+        cb.load_state_dict({"last_step": 5, "schedules": [{"steps": [1]}]})
+    assert cb._last_step == 3 and steps.steps == [1, 2, 3]  # the refusal changed nothing
+
+
+def test_schedules_with_one_state_key_are_refused():
+    with pytest.raises(
+        ValueError, match=r"several schedules have the state key \['StepRecorder'\]"
+    ):
+        LowRankCallback(LoRA(rank=2), schedules=[StepRecorder(), StepRecorder()])
+
+    class Keyed(StepRecorder):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        @property
+        def state_key(self):
+            return f"Keyed[{self.name}]"
+
+    cb = LowRankCallback(LoRA(rank=2), schedules=[Keyed("a"), Keyed("b")])
+    assert list(cb.state_dict()["schedules"]) == ["Keyed[a]", "Keyed[b]"]
+
+
 def test_full_checkpoint_when_requested(tmp_path):
     model = Net()
     cb = LowRankCallback(LoRA(rank=2), target_modules=["net.0"], save_adapter_only=False)
