@@ -21,7 +21,7 @@ steps, the budget (total kept slots) is by default the paper's cubic schedule
     b(t) = bT                                                        t > T - t_final
 
 and any other ``b(t)`` can be passed as ``RankAllocator(budget=...)`` (a number or a callable of
-the step, resolved at every masking; see :mod:`lightning_lowrank.schedules.adalora.budget`).
+the step, resolved at every optimizer step; see :mod:`lightning_lowrank.schedules.adalora.budget`).
 
 The phases come from the config whatever the budget: no masking while ``t <= t_init``; while
 ``t_init < t <= T - t_final``, every ``delta_t`` steps the ``b(t)`` slots with the highest triplet
@@ -100,7 +100,7 @@ class RankAllocator(Schedule):
         budget: the kept rank slots ``b(t)`` over all layers: ``None`` for the paper's cubic
             schedule, a number of slots (``int``), a fraction of the initial slots (``float`` in
             ``[0, 1]``), or a callable of the optimizer step returning either, resolved at every
-            masking (see :mod:`lightning_lowrank.schedules.adalora.budget`).
+            optimizer step (see :mod:`lightning_lowrank.schedules.adalora.budget`).
 
     Raises:
         TypeError: ``budget`` is not ``None``, a number or a callable.

@@ -1,7 +1,7 @@
 """AdaLoRA's rank budget: how many rank slots are kept at optimizer step ``t``.
 
 ``RankAllocator(budget=...)`` takes, like Lightning's ``ModelPruning(amount=...)``, either a value
-or a callable of the step that is resolved at every step where the allocator masks:
+or a callable of the step, resolved at every optimizer step (and used where the allocator masks):
 
 - ``None`` (the default): the paper's cubic schedule, :func:`cubic_budget`, from ``b0 = init_rank *
   L`` to ``bT = target_rank * L`` over ``L`` layers;
