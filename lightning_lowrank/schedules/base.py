@@ -49,6 +49,11 @@ class Schedule:
     ) -> None:
         """Called once after each optimizer step; ``step`` already counts it."""
 
+    def pop_messages(self) -> list[str]:
+        """Text for the callback to log once, on rank zero (e.g. LoRA-drop's selection table),
+        so that schedules never import Lightning. Each message is returned once."""
+        return []
+
     def checkpoint_keeps_base(self) -> bool:
         """Whether adapter-only checkpoints must keep the adapted layers' base weights."""
         return False
