@@ -10,7 +10,8 @@ from torch import nn
 
 from lightning_lowrank import AdaLoRA, DoRA, LoRA, SingLoRA, SLTrain, VeRA
 from lightning_lowrank.methods.base import weight_oi
-from lightning_lowrank.methods.fused import LowRankLinear, VeRALinear
+from lightning_lowrank.methods.fused import LowRankLinear
+from lightning_lowrank.methods.vera import VeRALinear
 
 D = torch.float64
 TOL = {"rtol": 1e-12, "atol": 1e-12}
