@@ -7,10 +7,8 @@ The callback is a thin Lightning layer over ``inject``, ``optim`` and ``schedule
   ``configure_optimizers`` runs;
 - ``on_fit_start``: splits the optimizer into LoRA+ groups when ``lr_ratio`` is set (before any
   optimizer state is restored, so resumed states line up);
-- ``on_fit_start`` and ``teardown``: re-tie LoRA-drop's shared adapters after the device moves
-  Lightning makes (to the GPU at the start, back to the CPU at the end), which untie storage;
 - once per optimizer step (never per micro-batch): tells every layer the step count (SingLoRA's
-  ramp) and runs the scheduled methods;
+  ramp) and runs the scheduled methods, logging what they report (LoRA-drop's table) on rank zero;
 - checkpoints: adapter-only by default (frozen base weights are dropped; loading is non-strict for
   exactly those keys), with the schedules' state so a resumed run continues exactly.
 """
@@ -33,7 +31,6 @@ from lightning_lowrank.inject import adapter_layers, inject, trainable_parameter
 from lightning_lowrank.methods.base import AdapterConfig, AdapterLayer
 from lightning_lowrank.optim import split_optimizer
 from lightning_lowrank.schedules import RankAllocator, Schedule, default_schedules
-from lightning_lowrank.sharing import retie_shared
 
 
 class LowRankCallback(Callback):
@@ -128,6 +125,7 @@ class LowRankCallback(Callback):
         total = self.total_steps if self.total_steps is not None else _estimated_steps(trainer)
         for schedule in self.schedules:
             schedule.setup(pl_module, self.layers, total)
+        self._log_messages()
         rank_zero_info(
             f"LowRankCallback: {type(self.method).__name__} on {len(names)} layers, "
             f"{trainable_parameter_count(pl_module):,} trainable parameters"
@@ -135,9 +133,6 @@ class LowRankCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # the strategy has moved the module to its device, which unties LoRA-drop's shared
-        # adapters if a previous fit already shared them
-        retie_shared(pl_module)
         if self.lr_ratio is None:
             return
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
@@ -190,6 +185,12 @@ class LowRankCallback(Callback):
             layer.set_step(step)
         for schedule in self.schedules:
             schedule.after_optimizer_step(pl_module, self.layers, step)
+        self._log_messages()
+
+    def _log_messages(self) -> None:
+        for schedule in self.schedules:
+            for message in schedule.pop_messages():
+                rank_zero_info(message)
 
     # --- checkpoints ------------------------------------------------------------------------
     def _droppable_keys(self, pl_module: pl.LightningModule) -> set[str]:
@@ -206,12 +207,6 @@ class LowRankCallback(Callback):
                 continue  # a schedule changes this base weight (Delta-LoRA)
             drop.add(name)
         return drop
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        # Lightning has just moved the module back to the CPU (after a GPU run)
-        if self._module is pl_module:
-            retie_shared(pl_module)
 
     @override
     def on_save_checkpoint(

@@ -210,19 +210,15 @@ def unload(model: nn.Module) -> nn.Module:
 
 
 def trainable_parameter_count(model: nn.Module) -> int:
-    """Number of parameters that require a gradient. Shared tensors are counted once, also
-    distinct parameters tied to one storage (LoRA-drop's shared adapter while training), and the
-    adapters LoRA-drop switched off (``layer.dropped``) are not counted."""
-    off = {
-        id(p)
-        for layer in adapter_layers(model).values()
-        if getattr(layer, "dropped", False)
-        for p in layer.parameters()
-    }
+    """Number of parameters that require a gradient and take part in the output. Shared tensors
+    are counted once; the idle parameters of disabled and tied layers
+    (:meth:`AdapterLayer.idle_parameters`: LoRA-drop's dropped layers and the members of a shared
+    adapter) are not counted."""
+    idle = {id(p) for layer in adapter_layers(model).values() for p in layer.idle_parameters()}
     seen: set[object] = set()
     total = 0
     for p in model.parameters():
-        if not p.requires_grad or id(p) in off:
+        if not p.requires_grad or id(p) in idle:
             continue
         ptr = p.data_ptr()
         key = (ptr, p.storage_offset(), tuple(p.shape), p.stride()) if ptr else id(p)

@@ -34,11 +34,12 @@ from lightning_lowrank.methods.base import (
     LayerExtension,
 )
 from lightning_lowrank.sharing import (
-    mark_shared,
+    check_shared,
+    freeze_idle,
     shared_map,
     stored_layers,
     stored_state,
-    tie_shared,
+    tie_from_file,
 )
 
 FORMAT = "lightning_lowrank.adapter.v1"
@@ -83,7 +84,7 @@ def save_adapter(
         The path written.
     """
     path = Path(path)
-    layers = stored_layers(adapter_layers(model))  # LoRA-drop's dropped layers are left out
+    layers = stored_layers(adapter_layers(model))  # disabled layers (LoRA-drop) are left out
     method = model_method(model)
     if truncate:
         parts = {n: layer.truncated_state() for n, layer in layers.items()}
@@ -93,7 +94,7 @@ def save_adapter(
         state = adapter_state_dict(model)
         layer_meta = {n: layer.layer_metadata() for n, layer in layers.items()}
     state = stored_state(state, layers)  # a shared adapter is stored once, under its host
-    # storage shared between layers (LoRA-drop's shared adapter) is written once per key: clone
+    # copies: a tensor may be a view into a larger one, or sit under two keys
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     metadata = {
         "format": FORMAT,
@@ -238,7 +239,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
             raise ValueError(f"adapter file {path} does not match this model's module names")
         for n, ext in _build_extensions(layers, meta["extensions"], path).items():
             layers[n].extension = ext  # the layers are not in the model yet
-        mark_shared(layers, meta["shared"], path)
+        check_shared(layers, meta["shared"], path)
+        tie_from_file(layers, meta["shared"])  # the layers are not in the model yet
         expected = {
             f"{n}.{k}": v
             for n, layer in layers.items()
@@ -246,7 +248,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
         }
         _check_state(stored_state(expected, layers), tensors, path)
         attach(model, layers)
-        tie_shared(layers)
+        freeze_idle(layers)  # after attach, which sets what trains from param_sides
     _copy_into(layers, tensors)
     return list(layers)
 

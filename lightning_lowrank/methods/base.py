@@ -23,6 +23,9 @@ this protocol:
 - optionally ``peft_form()``: the update in PEFT's LoRA form (a :class:`PeftLayer`: B, A, scale
   and DoRA's magnitude), or a :class:`PeftExportError` giving the reason it has none. Subclasses
   inherit their parent's form: a subclass that changes the update must override it;
+- two states every method obeys through the generic path (``methods/state.py``): ``disabled``
+  (the layer is its base) and a tie (``share_adapter(host)``: compute with the host's adapter
+  parameters), read through ``adapter_host`` and ``idle_parameters()``;
 - ``merge()`` / ``unmerge()`` and an optional ``extension`` (a :class:`LayerExtension`, e.g.
   Delta-LoRA's implicit base update) come with the base class.
 
@@ -44,6 +47,7 @@ from lightning_lowrank.methods.fused import fusable, low_rank_linear
 # layer_kind, layer_shape and weight_oi are re-exported: they were defined here first
 from lightning_lowrank.methods.layers import layer_kind, layer_shape, weight_oi
 from lightning_lowrank.methods.registry import register_config
+from lightning_lowrank.methods.state import AdapterTie, LayerState
 
 Scaling = Literal["standard", "rslora"]
 Side = Literal["A", "B"]
@@ -126,8 +130,10 @@ class AdapterConfig:
         return [f.name for f in fields(cls)]
 
 
-class AdapterLayer(nn.Module):
-    """A frozen base layer plus a trainable low-rank adapter. See the module docstring."""
+class AdapterLayer(LayerState, nn.Module):
+    """A frozen base layer plus a trainable low-rank adapter. See the module docstring.
+
+    :class:`LayerState` adds the ``disabled`` flag and the tie (``methods/state.py``)."""
 
     def __init__(self, base: nn.Module, config: AdapterConfig) -> None:
         super().__init__()
@@ -141,10 +147,10 @@ class AdapterLayer(nn.Module):
         #: an optional :class:`LayerExtension` (a child module once set), e.g. Delta-LoRA's
         #: implicit base update; it adds to the output and to the merged weight
         self.extension: LayerExtension | None = None
-        #: set by LoRA-drop: the name of the layer whose adapter parameters this one uses
-        self.shared_with: str | None = None
-        #: set by LoRA-drop's plain variant: the adapter adds nothing and adapter files omit it
-        self.dropped = False
+        #: the layer is its base layer: forward is ``base(x)``, merge adds nothing, the delta is
+        #: zero (``methods/state.py``); LoRA-drop's ``mode="drop"`` sets it, adapter files omit it
+        self.disabled = False
+        self._tie: AdapterTie | None = None
 
     # --- protocol ---------------------------------------------------------------------------
     def adapter_forward(self, x: Tensor) -> Tensor:
@@ -245,8 +251,10 @@ class AdapterLayer(nn.Module):
 
     def merged_delta(self) -> Tensor:
         """What :meth:`merge` adds to the base weight: ``delta_weight()`` plus the extension's
-        term, if any."""
+        term, if any; zero for a disabled layer."""
         delta = self.delta_weight()
+        if self.disabled:
+            return delta
         if self.extension is not None:
             delta = self.extension.add_weight(self, delta)
         return delta

@@ -31,14 +31,14 @@ from lightning_lowrank.peft.names import (
 
 def _peft_form(name: str, layer: AdapterLayer) -> PeftLayer | None:
     """The exact PEFT LoRA form of one layer; ``None`` when its update is zero by construction
-    (a LoRA-drop dropped layer, an AdaLoRA layer with every slot pruned)."""
+    (a disabled layer, as LoRA-drop drops them; an AdaLoRA layer with every slot pruned)."""
     if getattr(layer, "extension", None) is not None:
         raise PeftExportError(
             f"layer {name!r} carries a {type(layer.extension).__name__} extension (Delta-LoRA): "
             "it changes the base weight itself, which a PEFT adapter cannot carry. Call "
             "unload(model) and save the merged model (save_pretrained) instead"
         )
-    if getattr(layer, "dropped", False):
+    if layer.disabled:
         return None
     try:
         return layer.peft_form()
@@ -143,7 +143,7 @@ def peft_adapter(
             tensors[f"{key}.lora_magnitude_vector"] = f.magnitude
     for name, value in save_tensors.items():
         tensors[KEY_PREFIX + name] = value
-    # storage shared between layers (LoRA-drop) or with the model must be written as copies
+    # tensors shared between layers (LoRA-drop's ties) or with the model are written as copies
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
 
     dropout = {getattr(layer.config, "dropout", 0.0) for layer in layers.values()}

@@ -60,6 +60,11 @@ class Schedule:
         """
         return type(self).__qualname__
 
+    def pop_messages(self) -> list[str]:
+        """Text for the callback to log once, on rank zero (e.g. LoRA-drop's selection table),
+        so that schedules never import Lightning. Each message is returned once."""
+        return []
+
     def checkpoint_keeps_base(self) -> bool:
         """Whether adapter-only checkpoints must keep the adapted layers' base weights."""
         return False
