@@ -15,7 +15,7 @@ product is added in place into the base output, and the input gradient is accumu
 (LoRA-FA) the input is not kept, only ``x' A^T``. VeRA's effective-weight pass (``VeRALinear``)
 is VeRA-only and lives in ``methods/vera.py``; it shares :func:`fusable` with this one.
 
-It is an exact rewrite (the same sums in another order); ``tests/test_fused.py`` checks values and
+It is an exact rewrite (the same sums in another order); ``tests/methods/test_fused.py`` checks values and
 every gradient against the plain formulas in float64 and with ``torch.autograd.gradcheck``. The
 layers use it only for a plain ``nn.Linear`` or GPT-2 ``Conv1D`` base with no hooks, one dtype
 throughout and no autocast (:func:`fusable`); anything else takes the generic path. It does not

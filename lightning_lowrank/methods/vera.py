@@ -24,7 +24,7 @@ and ``b`` come from ``C = g^T (x A^T)``:
     dL/db_i = sum_k B_ik d_k C_ik,    dL/dd_k = sum_i b_i B_ik C_ik.
 
 It is cheaper when ``T (in + out) > out in`` (:func:`vera_prefers_dense`), which the layer checks
-on every call. Both orders are exact; ``tests/test_fused.py`` checks values and gradients.
+on every call. Both orders are exact; ``tests/methods/test_fused.py`` checks values and gradients.
 """
 
 from __future__ import annotations

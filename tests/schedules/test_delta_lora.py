@@ -336,7 +336,7 @@ def test_ddp_bases_identical_across_ranks(tmp_path):
         f"""
         from lightning_lowrank import DeltaLoRA, LoRA, LowRankCallback
         from lightning_lowrank.methods.base import weight_oi
-        from tests.test_delta_lora import TARGETS, Module, loader
+        from tests.schedules.test_delta_lora import TARGETS, Module, loader
 
         module = Module()
         w0 = {{n: weight_oi(m).detach().clone() for n, m in module.net.named_children()}}
