@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,7 @@ from lightning_lowrank.methods.state import AdapterTie, LayerState
 
 Scaling = Literal["standard", "rslora"]
 Side = Literal["A", "B"]
+_Config = TypeVar("_Config", bound="AdapterConfig")
 
 
 def scale_factor(alpha: float, rank: int, scaling: Scaling) -> float:
@@ -79,7 +80,7 @@ class AdapterConfig:
             register_config(cls)
 
     @classmethod
-    def examples(cls) -> list[AdapterConfig]:
+    def examples(cls: type[_Config]) -> list[_Config]:
         """Small configs of this method, one per variant worth checking, sized for layers of a
         few features: the contract suite (``tests/methods/test_contract.py``) runs over them.
         A subclass that needs other values overrides this; build them with ``cls(...)`` so that
@@ -230,7 +231,7 @@ class AdapterLayer(LayerState, nn.Module):
         extra = (factor,) if factor is not None else ()
         if not fusable(self.base, x, a, b, *extra):
             return None
-        w0, bias = weight_oi(self.base), self.base.bias
+        w0, bias = weight_oi(self.base), cast("Tensor | None", self.base.bias)
         return low_rank_linear(x, self.adapter_input(x), w0, bias, a, b, scale, factor)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
@@ -366,7 +367,7 @@ def embed_or_linear(layer: AdapterLayer, x: Tensor, a: Tensor) -> Tensor:
     """Apply a first factor ``a`` of shape ``(r, in)`` to the input: a matmul for linear layers,
     a row lookup for embeddings (whose input is a one-hot index)."""
     if layer.kind == "embedding":
-        base: nn.Embedding = layer.base  # type: ignore[assignment]
+        base = cast(nn.Embedding, layer.base)
         # padding rows get no gradient, as in the base table; max_norm would renormalise the
         # adapter factor in place, so it is not forwarded
         return F.embedding(x, a.t(), padding_idx=base.padding_idx)

@@ -11,6 +11,8 @@ transformers' GPT-2 ``Conv1D`` stores ``(in, out)``; an embedding table stores
 
 from __future__ import annotations
 
+from typing import cast
+
 from torch import Tensor, nn
 
 
@@ -39,11 +41,14 @@ def layer_shape(module: nn.Module) -> tuple[int, int]:
     """``(out_features, in_features)`` of a supported base layer, in ``(out, in)`` orientation."""
     kind = layer_kind(module)
     if kind == "linear":
-        return module.out_features, module.in_features
+        linear = cast(nn.Linear, module)
+        return linear.out_features, linear.in_features
     if kind == "conv1d":
-        return module.weight.shape[1], module.weight.shape[0]
+        w = cast(Tensor, module.weight)
+        return w.shape[1], w.shape[0]
     if kind == "embedding":
-        return module.embedding_dim, module.num_embeddings
+        emb = cast(nn.Embedding, module)
+        return emb.embedding_dim, emb.num_embeddings
     raise TypeError(
         f"unsupported layer type {type(module).__name__}: adapters wrap nn.Linear, "
         "transformers' Conv1D and nn.Embedding"
@@ -54,9 +59,9 @@ def weight_oi(module: nn.Module) -> Tensor:
     """The base weight as an ``(out, in)`` view that shares storage with the parameter."""
     kind = layer_kind(module)
     if kind == "linear":
-        return module.weight
+        return cast(Tensor, module.weight)
     if kind in ("conv1d", "embedding"):
-        return module.weight.t()
+        return cast(Tensor, module.weight).t()
     raise TypeError(f"unsupported layer type {type(module).__name__}")
 
 
