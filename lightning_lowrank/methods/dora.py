@@ -22,8 +22,9 @@ so ``unmerge`` restores ``W0`` exactly (to rounding) even if the norm would now 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -99,8 +100,13 @@ class DoRAMagnitude:
     base: nn.Module
     kind: str | None
     merged: bool
+    register_buffer: Callable[..., None]
+    fused_low_rank: Callable[..., Tensor | None]
+    #: the row factor ``m / ||V||`` folded into the base weight while merged, else None
+    merge_factor: Tensor | None
 
     def __init__(self, base: nn.Module, config: DoRA, **layer_kwargs: Any) -> None:
+        # a mixin: super() is the delta layer class at run time, mypy sees object
         super().__init__(base, config, **layer_kwargs)  # type: ignore[call-arg]
         w0 = weight_oi(base).detach()
         norm = torch.linalg.vector_norm(w0, dim=1, dtype=_compute_dtype(w0.dtype))
@@ -110,12 +116,12 @@ class DoRAMagnitude:
     def direction_factors(self) -> tuple[Tensor, Tensor, Tensor | float]:
         """``(B, A, c)`` of the low-rank ``dW = c * B @ A`` inside the direction
         ``V = W0 + dW``: the delta layer's own :meth:`low_rank_factors` (LoRA's or SingLoRA's)."""
-        factors = super().low_rank_factors()  # type: ignore[misc]
+        factors = super().low_rank_factors()  # type: ignore[misc]  # mixin: super() is the delta layer
         if factors is None:
             raise TypeError(
                 f"{type(self).__name__}: DoRA's magnitude needs a delta layer with low-rank factors"
             )
-        return factors  # type: ignore[no-any-return]
+        return factors
 
     def low_rank_factors(self) -> None:
         """None: DoRA's update ``m * V / ||V|| - W0`` is not a low-rank product (the delta under
@@ -125,7 +131,7 @@ class DoRAMagnitude:
     def peft_form(self) -> PeftLayer:
         """PEFT's DoRA is ``m * (W0 + dW) / ||W0 + dW||_row`` over a LoRA pair, as here: the delta
         layer's form (LoRA's or SingLoRA's pair) with the magnitude."""
-        form: PeftLayer = super().peft_form()  # type: ignore[misc]
+        form: PeftLayer = super().peft_form()  # type: ignore[misc]  # mixin: super() is the delta layer
         form.magnitude = self.magnitude
         return form
 
@@ -163,12 +169,12 @@ class DoRAMagnitude:
             if isinstance(c, Tensor):  # SingLoRA's ramp: fold it into the (out, r) factor
                 b, c = b * c.to(b.dtype), 1.0
             # one pass for base, delta and magnitude (methods/fused.py)
-            out = self.fused_low_rank(x, a, b, c, factor)  # type: ignore[attr-defined]
+            out = self.fused_low_rank(x, a, b, c, factor)
             if out is not None:
                 return out
         out = self.base(x, *args, **kwargs)
         factor = factor.to(out.dtype)
-        delta = super().adapter_forward(x).to(out.dtype)  # type: ignore[misc]
+        delta = super().adapter_forward(x).to(out.dtype)  # type: ignore[misc]  # mixin, as above
         bias = self._bias()
         if bias is None:
             return factor * (out + delta)
@@ -185,9 +191,13 @@ class DoRAMagnitude:
 
     def delta_weight(self) -> Tensor:
         """The dense effective update ``m * V / ||V|| - W0`` (merge and analysis only)."""
-        low = super().delta_weight()  # type: ignore[misc]
+        low = super().delta_weight()  # type: ignore[misc]  # mixin: super() is the delta layer
         w = weight_oi(self.base)
-        w0 = w / self.merge_factor.to(w.dtype)[:, None] - low.to(w.dtype) if self.merged else w
+        w0 = (
+            w / cast(Tensor, self.merge_factor).to(w.dtype)[:, None] - low.to(w.dtype)
+            if self.merged
+            else w
+        )
         v = w0 + low.to(w.dtype)
         return (self._dense_factor(v).to(w.dtype)[:, None] * v - w0).to(low.dtype)
 
@@ -196,7 +206,7 @@ class DoRAMagnitude:
         if self.merged:
             return
         w = weight_oi(self.base)
-        v = w + super().delta_weight().to(w.dtype)  # type: ignore[misc]
+        v = w + super().delta_weight().to(w.dtype)  # type: ignore[misc]  # mixin, as above
         factor = self._dense_factor(v)
         merged = factor.to(w.dtype)[:, None] * v
         if not torch.isfinite(merged).all():
@@ -210,14 +220,14 @@ class DoRAMagnitude:
         if not self.merged:
             return
         w = weight_oi(self.base)
-        low = super().delta_weight().to(w.dtype)  # type: ignore[misc]
-        w.copy_(w / self.merge_factor[:, None] - low)
+        low = super().delta_weight().to(w.dtype)  # type: ignore[misc]  # mixin, as above
+        w.copy_(w / cast(Tensor, self.merge_factor)[:, None] - low)
         self.merge_factor = None
         self.merged = False
 
     def param_sides(self) -> dict[str, Side]:
         # LoRA+ (official code): every trainable 1-D tensor, the magnitude included, is B-side
-        return {**super().param_sides(), "magnitude": "B"}  # type: ignore[misc]
+        return {**super().param_sides(), "magnitude": "B"}  # type: ignore[misc]  # mixin, as above
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -225,11 +235,13 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-class DoRALayer(DoRAMagnitude, LoRALayer):
+# the [misc] ignores below: DoRA's low_rank_factors is None (its whole update is not one low-rank
+# product) where the delta layer's returns factors; callers use the protocol's Optional result
+class DoRALayer(DoRAMagnitude, LoRALayer):  # type: ignore[misc]
     """DoRA over a LoRA delta ``s * B @ A``. See :class:`DoRA`."""
 
 
-class DoRASingLoRALayer(DoRAMagnitude, SingLoRALayer):
+class DoRASingLoRALayer(DoRAMagnitude, SingLoRALayer):  # type: ignore[misc]
     """DoRA over a SingLoRA delta ``s * u(t) * A[:out] @ A[:in].T``. See :class:`DoRA`."""
 
 

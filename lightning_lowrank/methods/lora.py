@@ -14,7 +14,7 @@ keeps ``x @ A.T`` (r values per token) instead of the full input for A's gradien
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +68,8 @@ class LoRA(AdapterConfig):
 class LoRALayer(AdapterLayer):
     """A base layer plus ``s * B @ A``. See :class:`LoRA`."""
 
+    config: LoRA
+
     def __init__(
         self, base: nn.Module, config: LoRA, rank: int | None = None, alpha: float | None = None
     ) -> None:
@@ -76,7 +78,7 @@ class LoRALayer(AdapterLayer):
         self.rank = config.rank if rank is None else int(rank)
         self.alpha = config.alpha if alpha is None else float(alpha)
         r = self.rank
-        w = base.weight
+        w = cast(Tensor, base.weight)
         self.scale = scale_factor(self.alpha, r, config.scaling)
         self.lora_A = nn.Parameter(
             torch.empty(r, self.in_features, dtype=w.dtype, device=w.device),

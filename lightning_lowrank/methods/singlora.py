@@ -17,6 +17,7 @@ while ``A`` itself is random: ``A = 0`` would receive a zero gradient forever.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -76,10 +77,13 @@ class SingLoRALayer(AdapterLayer):
     reuses this layer as its low-rank part).
     """
 
+    config: SingLoRA
+    step: Tensor
+
     def __init__(self, base: nn.Module, config: SingLoRA) -> None:
         super().__init__(base, config)
         r = config.rank
-        w = base.weight
+        w = cast(Tensor, base.weight)
         self.scale = scale_factor(config.alpha, r, config.scaling)
         self.ramp_steps = config.ramp_steps
         d = max(self.out_features, self.in_features)
