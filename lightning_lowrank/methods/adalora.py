@@ -21,7 +21,7 @@ rebuilds those shapes when the file is loaded.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -124,16 +124,18 @@ class AdaLoRALayer(AdapterLayer):
             value rebuilds a truncated adapter (see :meth:`truncated_state`).
     """
 
+    rank_mask: Tensor
+
     def __init__(self, base: nn.Module, config: AdaLoRA, rank: int | None = None) -> None:
         super().__init__(base, config)
         r = config.init_rank if rank is None else int(rank)
         if not 0 <= r <= config.init_rank:
             raise ValueError(f"rank must be between 0 and init_rank={config.init_rank}, got {r}")
-        w = base.weight
+        w = cast(Tensor, base.weight)
         self.rank = r
         # fixed at alpha / r_init, so truncating or masking slots does not rescale the others
         self.scale = config.alpha / config.init_rank
-        kw = {"dtype": w.dtype, "device": w.device}
+        kw: dict[str, Any] = {"dtype": w.dtype, "device": w.device}
         self.lora_A = nn.Parameter(torch.randn(r, self.in_features, **kw) * INIT_STD)
         self.lora_E = nn.Parameter(torch.zeros(r, **kw))
         self.lora_B = nn.Parameter(torch.randn(self.out_features, r, **kw) * INIT_STD)

@@ -26,9 +26,11 @@ This module imports only the leaf ``methods/layers.py`` from the package.
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import once_differentiable
 from torch.nn.modules import module
 
 from lightning_lowrank.methods.layers import conv1d_type
@@ -46,6 +48,21 @@ def fusable(base: nn.Module, x: Tensor, *tensors: Tensor) -> bool:
         return False
     dtype = base.weight.dtype
     return x.dtype == dtype and all(t.dtype == dtype for t in tensors)
+
+
+class AutogradCtx(Protocol):
+    """What autograd's ``ctx`` has at run time: torch's ``FunctionCtx`` stub lacks
+    ``needs_input_grad`` and ``saved_tensors``, and saved Nones come back as None."""
+
+    needs_input_grad: tuple[bool, ...]
+    saved_tensors: tuple[Any, ...]
+
+    def save_for_backward(self, *tensors: Tensor | None) -> None: ...
+
+
+class _LowRankCtx(AutogradCtx, Protocol):
+    same: bool
+    scale: float
 
 
 def _plain_forward(base: nn.Module) -> bool:
@@ -89,7 +106,7 @@ class LowRankLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: FunctionCtx,
+        ctx: _LowRankCtx,
         x: Tensor,
         x_adapter: Tensor | None,
         w0: Tensor,
@@ -128,7 +145,7 @@ class LowRankLinear(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: _LowRankCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
         x2, xa2, u_t, w0, a, b, factor, z = ctx.saved_tensors
         needs = ctx.needs_input_grad
         g = rows(grad)

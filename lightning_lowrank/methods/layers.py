@@ -16,7 +16,7 @@ from typing import cast
 from torch import Tensor, nn
 
 
-def conv1d_type() -> type | None:
+def conv1d_type() -> type[nn.Module] | None:
     """transformers' ``Conv1D`` class, or None when transformers is not installed."""
     try:
         from transformers.pytorch_utils import Conv1D

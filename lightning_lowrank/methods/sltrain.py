@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -163,12 +163,15 @@ class SLTrainLayer(AdapterLayer):
     """A base layer (or, in pre-training mode, no dense weight) plus ``s * B @ A + S``.
     See :class:`SLTrain`."""
 
+    config: SLTrain
+    sparse_index: Tensor
+
     def __init__(
         self, base: nn.Module, config: SLTrain, name: str = "", support_hash: int | None = None
     ) -> None:
         super().__init__(base, config)
         r = config.rank
-        w = base.weight
+        w = cast(Tensor, base.weight)
         dtype, device = w.dtype, w.device
         self.pretrain = config.mode == "pretrain"
         self.scale = scale_factor(config.alpha, r, config.scaling)

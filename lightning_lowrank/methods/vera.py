@@ -30,15 +30,15 @@ on every call. Both orders are exact; ``tests/methods/test_fused.py`` checks val
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import once_differentiable
 
 from lightning_lowrank.methods.base import AdapterConfig, AdapterLayer, PeftLayer, Side, peft_pair
-from lightning_lowrank.methods.fused import fusable, rows
+from lightning_lowrank.methods.fused import AutogradCtx, fusable, rows
 from lightning_lowrank.methods.layers import layer_kind, layer_shape, weight_oi
 
 
@@ -75,7 +75,7 @@ class VeRA(AdapterConfig):
     ) -> dict[str, AdapterLayer]:
         layer_meta = layer_meta or {}
         shapes = [layer_shape(b) for b in bases.values()]
-        first = next(iter(bases.values())).weight
+        first = cast(Tensor, next(iter(bases.values())).weight)
         shared = SharedProjection(
             self.rank,
             in_max=max(i for _, i in shapes),
@@ -95,6 +95,9 @@ class SharedProjection(nn.Module):
 
     Non-persistent buffers: never saved, always regenerated from the seed (drawn in float32 on the
     CPU so every device and dtype sees the same numbers)."""
+
+    A: Tensor
+    B: Tensor
 
     def __init__(
         self,
@@ -141,7 +144,7 @@ class VeRALinear(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: FunctionCtx,
+        ctx: AutogradCtx,
         x: Tensor,
         w0: Tensor,
         bias: Tensor | None,
@@ -160,7 +163,7 @@ class VeRALinear(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: AutogradCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
         x2, w, u, b, d, lam_b = ctx.saved_tensors
         needs = ctx.needs_input_grad
         g = rows(grad)
@@ -195,7 +198,7 @@ class VeRALayer(AdapterLayer):
             raise ValueError(
                 "the shared VeRA pair is smaller than this layer: rebuild the adapters"
             )
-        w = base.weight
+        w = cast(Tensor, base.weight)
         # a submodule referenced by every layer: one storage, and .to() moves it once
         self.shared = shared
         self.vera_lambda_d = nn.Parameter(
@@ -218,7 +221,8 @@ class VeRALayer(AdapterLayer):
             return None
         if not fusable(self.base, x, a, b, d, lam_b):
             return None
-        return vera_linear(x, weight_oi(self.base), self.base.bias, a, b, d, lam_b)
+        bias = cast("Tensor | None", self.base.bias)
+        return vera_linear(x, weight_oi(self.base), bias, a, b, d, lam_b)
 
     def adapter_forward(self, x: Tensor) -> Tensor:
         b, a = self.shared_slices()
