@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -119,7 +119,7 @@ class LowRankCallback(Callback):
             train_modules=self.train_modules,
         )
         self._module = pl_module
-        self.layers = {n: pl_module.get_submodule(n) for n in names}
+        self.layers = {n: cast(AdapterLayer, pl_module.get_submodule(n)) for n in names}
         if self.save_adapter_only:
             pl_module.strict_loading = False
         total = self.total_steps if self.total_steps is not None else _estimated_steps(trainer)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +97,9 @@ class DeltaLoRABase(LayerExtension):
     """
 
     name = "delta_lora"
+    ref_delta: Tensor
+    ref_B: Tensor
+    ref_A: Tensor
 
     def __init__(
         self,
@@ -107,8 +110,8 @@ class DeltaLoRABase(LayerExtension):
         active: bool = False,
     ) -> None:
         super().__init__()
-        w = layer.base.weight
-        kw = {"dtype": _adapter_dtype(layer), "device": w.device}
+        w = cast(Tensor, layer.base.weight)
+        kw: dict[str, Any] = {"dtype": _adapter_dtype(layer), "device": w.device}
         out_f, in_f = layer.out_features, layer.in_features
         if rank is None:
             self.register_buffer("ref_delta", torch.zeros(out_f, in_f, **kw))
@@ -268,7 +271,7 @@ def _adapter_dtype(layer: AdapterLayer) -> torch.dtype:
     for name, p in layer.named_parameters():
         if not name.startswith("base.") and p.is_floating_point():
             return p.dtype
-    return layer.base.weight.dtype
+    return cast(Tensor, layer.base.weight).dtype
 
 
 def _extension(layer: AdapterLayer) -> DeltaLoRABase:
