@@ -36,6 +36,7 @@ demo: $(VENV)/.demo-installed
 lint: $(VENV)/.all-installed
 	$(BIN)/ruff check lightning_lowrank tests benchmarks
 	$(BIN)/ruff format --check lightning_lowrank tests benchmarks
+	$(BIN)/mypy
 
 unit: $(VENV)/.all-installed fortunes
 	$(BIN)/python -m pytest -q tests

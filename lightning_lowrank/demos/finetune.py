@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import cast
 
 import lightning.pytorch as pl
 import torch
@@ -106,7 +107,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     adapter = save_adapter(module, args.output / "adapter.safetensors")
     # the head is not an adapter (it is trained in full): it is saved next to the adapter
     head = args.output / "classifier.safetensors"
-    save_file({k: v.detach().contiguous() for k, v in model.classifier.state_dict().items()}, head)
+    classifier = cast(torch.nn.Module, model.classifier)
+    save_file({k: v.detach().contiguous() for k, v in classifier.state_dict().items()}, head)
     seconds = time.perf_counter() - start
     kib = adapter.stat().st_size / 1024
     print(

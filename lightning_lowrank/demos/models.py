@@ -18,10 +18,13 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -139,7 +142,7 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def _save_dequantized(model: nn.Module, directory: Path) -> None:
+def _save_dequantized(model: PreTrainedModel, directory: Path) -> None:
     """Save a model loaded from GGUF as plain safetensors + config.
 
     transformers marks GGUF-loaded models as quantized and refuses ``save_pretrained``, although

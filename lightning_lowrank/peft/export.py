@@ -109,8 +109,8 @@ def peft_adapter(
     adapted = list(layers)
     root = export_root(model, adapted, root)
     with torch.no_grad():
-        forms = {relative(n, root): _peft_form(n, layer) for n, layer in layers.items()}
-    forms = {n: f for n, f in forms.items() if f is not None}
+        found = {relative(n, root): _peft_form(n, layer) for n, layer in layers.items()}
+    forms = {n: f for n, f in found.items() if f is not None}
     if not forms:
         raise PeftExportError(
             "every adapted layer has a zero update (rank 0 after pruning): there is nothing to export"

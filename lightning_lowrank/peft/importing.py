@@ -100,7 +100,7 @@ def _plan(
         out_f, in_f = layer_shape(base)
         a, b = parts[a_key], parts[b_key]
         rank = int(a.shape[0]) if a.dim() == 2 else -1
-        want = {a_key: (rank, in_f), b_key: (out_f, rank)}
+        want: dict[str, tuple[int, ...]] = {a_key: (rank, in_f), b_key: (out_f, rank)}
         if dora:
             want[m_keys[0]] = (out_f,)
         for key, shape in want.items():
@@ -148,7 +148,7 @@ def _plan(
 
 
 def _method(config: dict[str, Any]) -> LoRA | DoRA:
-    kwargs = {
+    kwargs: dict[str, Any] = {
         "rank": int(config["r"]),
         "alpha": float(config["lora_alpha"]),
         "dropout": float(config.get("lora_dropout", 0.0) or 0.0),
