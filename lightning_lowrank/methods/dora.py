@@ -107,7 +107,7 @@ class DoRAMagnitude:
 
     def __init__(self, base: nn.Module, config: DoRA, **layer_kwargs: Any) -> None:
         # a mixin: super() is the delta layer class at run time, mypy sees object
-        super().__init__(base, config, **layer_kwargs)  # type: ignore[call-arg]
+        super().__init__(base, config, **layer_kwargs)  # type: ignore[call-arg]  # mixin
         w0 = weight_oi(base).detach()
         norm = torch.linalg.vector_norm(w0, dim=1, dtype=_compute_dtype(w0.dtype))
         self.magnitude = nn.Parameter(norm.to(w0.dtype))
@@ -237,11 +237,11 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 # the [misc] ignores below: DoRA's low_rank_factors is None (its whole update is not one low-rank
 # product) where the delta layer's returns factors; callers use the protocol's Optional result
-class DoRALayer(DoRAMagnitude, LoRALayer):  # type: ignore[misc]
+class DoRALayer(DoRAMagnitude, LoRALayer):  # type: ignore[misc]  # see above
     """DoRA over a LoRA delta ``s * B @ A``. See :class:`DoRA`."""
 
 
-class DoRASingLoRALayer(DoRAMagnitude, SingLoRALayer):  # type: ignore[misc]
+class DoRASingLoRALayer(DoRAMagnitude, SingLoRALayer):  # type: ignore[misc]  # see above
     """DoRA over a SingLoRA delta ``s * u(t) * A[:out] @ A[:in].T``. See :class:`DoRA`."""
 
 

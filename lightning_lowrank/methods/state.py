@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -61,7 +61,7 @@ def zero_anchor(layer: AdapterLayer, out: Tensor) -> Tensor:
     idle = [p for p in idle_parameters(layer) if p.requires_grad]
     if not idle:
         return out
-    anchor = sum(p.sum() for p in idle) * 0.0
+    anchor = cast(Tensor, sum(p.sum() for p in idle) * 0.0)  # idle is not empty
     return out + anchor.to(out.dtype)
 
 
@@ -143,7 +143,7 @@ def guard_class(cls: type) -> None:
         fn = getattr(cls, name)
         if not getattr(fn, "_obeys_layer_state", False):
             guarded = _GUARDS[name](fn)
-            guarded._obeys_layer_state = True  # type: ignore[attr-defined]
+            guarded._obeys_layer_state = True
             setattr(cls, name, guarded)
 
 
@@ -191,7 +191,7 @@ class LayerState:
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         # a tied member's state shows what it computes with (the host's values), as storage
         # ties did: a plain state_dict copy into an untied model gives the same outputs
-        super()._save_to_state_dict(destination, prefix, keep_vars)  # type: ignore[misc]
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # type: ignore[misc]  # as above
         if self._tie is not None:
             for name, p in self._tie.host._parameters.items():
                 if p is not None and prefix + name in destination:

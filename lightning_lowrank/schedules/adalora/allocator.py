@@ -255,7 +255,9 @@ class RankAllocator(Schedule):
         params = self._tensors(layers)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         self._ensure_state(params)
-        ipt = torch._foreach_mul([p.detach() for p in params], grads)
+        ipt: tuple[Tensor, ...] | list[Tensor] = torch._foreach_mul(
+            [p.detach() for p in params], grads
+        )
         torch._foreach_abs_(ipt)
         if ipt[0].dtype != self.ipt[0].dtype:
             ipt = [t.to(self.ipt[0].dtype) for t in ipt]
