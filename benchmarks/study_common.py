@@ -37,9 +37,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from benchmarks.provenance import provenance  # noqa: E402
+from benchmarks.stats import MIN_SEEDS  # noqa: E402
+
 RESULTS_DIR = Path(__file__).parent / "results"
 QUICK_ENV = "LOWRANK_STUDY_QUICK"
 STUDIES = ("singlora", "intruders", "loraplus", "methods", "sltrain")
+#: seeds of a full study run: the verdict rule needs at least ``MIN_SEEDS`` of them
+DEFAULT_SEEDS = tuple(range(MIN_SEEDS))
 
 
 def quick() -> bool:
@@ -134,6 +139,7 @@ def finetune(
     limit_eval: int | None = None,
     after_fit: Callable[[torch.nn.Module, torch.nn.Module], dict[str, Any]] | None = None,
     before_fit: Callable[[torch.nn.Module], Any] | None = None,
+    head_lr: float | None = None,
 ) -> dict[str, Any]:
     """Fine-tune MiniLM on ``data`` (``"fortunes"`` or ``"bbc"``) and report how it went.
 
@@ -145,6 +151,8 @@ def finetune(
         before_fit: ``before_fit(model)`` runs on the plain model before training (to keep a
             copy of the pre-trained weights, say); its result is passed to nothing, it is for
             side effects.
+        head_lr: the classifier head's learning rate (``None``: the same ``lr`` as the rest), so
+            that a learning-rate sweep of an adapter does not also sweep the head's.
 
     Returns:
         The record: final ``val_acc`` and ``val_loss``, ``test_acc``, the validation
@@ -177,6 +185,8 @@ def finetune(
     if before_fit is not None:
         before_fit(model)
     module = TextClassifier(model, lr=lr, weight_decay=0.0, warmup_steps=warmup_steps)
+    if head_lr is not None:
+        module = _with_head_rate(module, head_lr)
     history = _History()
     trainer = pl.Trainer(
         max_steps=steps,
@@ -222,6 +232,37 @@ def finetune(
     return record
 
 
+def _with_head_rate(module: Any, head_lr: float) -> Any:
+    """``module`` whose optimizer puts the classifier head's parameters in their own group at
+    ``head_lr``; the linear warm-up scales every group alike."""
+
+    def configure_optimizers() -> Any:
+        params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        is_head = [".classifier." in f".{n}." for n, _ in params]
+        groups = [
+            {"params": [p for (_, p), h in zip(params, is_head, strict=True) if not h]},
+            {"params": [p for (_, p), h in zip(params, is_head, strict=True) if h], "lr": head_lr},
+        ]
+        opt = torch.optim.AdamW(
+            [g for g in groups if g["params"]], lr=module.lr, betas=module.betas, weight_decay=0.0
+        )
+        warmup = max(1, module.warmup_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, (t + 1) / warmup))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    module.configure_optimizers = configure_optimizers
+    return module
+
+
+def update_norm_ratio(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """``||dW|| / ||W0||`` over all ``pairs`` of (pre-trained, fine-tuned) weights:
+    ``sqrt(sum_l ||W_l - W0_l||_F^2) / sqrt(sum_l ||W0_l||_F^2)``, how far training moved the
+    adapted layers (comparable across methods and learning rates)."""
+    num = sum(float((b.double() - a.double()).pow(2).sum()) for a, b in pairs.values())
+    den = sum(float(a.double().pow(2).sum()) for a, _ in pairs.values())
+    return (num / den) ** 0.5
+
+
 def _load(name: str) -> Study:
     return importlib.import_module(f"benchmarks.study_{name}").STUDY
 
@@ -256,7 +297,7 @@ def _describe(task: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None, studies: Iterable[str] = STUDIES) -> None:
     parser = argparse.ArgumentParser(description="Run the reproduction study (or parts of it).")
     parser.add_argument("--studies", nargs="+", default=list(studies), choices=STUDIES)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS))
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each a process")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run")
     parser.add_argument("--accelerator", default="auto", help="cpu, gpu or auto")
@@ -277,6 +318,14 @@ def main(argv: list[str] | None = None, studies: Iterable[str] = STUDIES) -> Non
         doc = json.loads(study.path.read_text()) if study.path.exists() else {"runs": []}
         # each run records what it ran on (a study may be completed on another machine)
         old = [{"device": doc.get("device"), **r} for r in doc["runs"]]
+        legacy = [r for r in old if not r.get("commit")]
+        if legacy:  # runs from before commits were recorded never mix with new ones
+            print(
+                f"{name}: {len(legacy)} stored runs record no commit (they predate the verdict "
+                "method); the new result file leaves them out (git history keeps them)",
+                flush=True,
+            )
+            old = [r for r in old if r.get("commit")]
         records[name] = old
         done = {tuple(r.get(k) for k in study.key) for r in old}
         per_study[name] = [
@@ -292,8 +341,10 @@ def main(argv: list[str] | None = None, studies: Iterable[str] = STUDIES) -> Non
     device = device_name(args.accelerator, threads)
     command = "python -m benchmarks.study " + " ".join(sys.argv[1:] if argv is None else argv)
 
+    stamp = provenance(device)  # the checkout the runs were started from
+
     def merge(name: str, rec: dict[str, Any]) -> None:
-        rec["device"] = device
+        rec.update(stamp)
         key = loaded[name].key
         ident = tuple(rec.get(k) for k in key)
         records[name] = [r for r in records[name] if tuple(r.get(k) for k in key) != ident]

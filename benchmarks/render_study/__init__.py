@@ -1,7 +1,8 @@
 """The Reproduction-study page (``docs/study.md``) and its plots, from ``results/study_*.json``.
 
-Every number and every verdict on the page is computed from the result files; the verdict rules are
-stated next to each claim. One module per study (``intruders``, ``singlora``, ``loraplus``,
+Every number and every verdict on the page is computed from the result files by the paired rule of
+:mod:`benchmarks.stats` (stated on the page by :func:`common.method_lines`); the page holds no
+fixed verdict text. One module per study (``intruders``, ``singlora``, ``loraplus``,
 ``methods``, ``sltrain``, next to ``benchmarks/study_<name>.py`` that runs it), the shared helpers
 in ``common``. Called by ``python -m benchmarks.render``.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from benchmarks.render_study.common import ASSETS, DOCS, load, rerun
+from benchmarks.render_study.common import ASSETS, DOCS, load, method_lines, rerun
 from benchmarks.render_study.intruders import intruder_section
 from benchmarks.render_study.loraplus import loraplus_section
 from benchmarks.render_study.methods import methods_section
@@ -35,13 +36,13 @@ def render_study(generated_note: str) -> str:
         "",
         "Claims from the papers (see [the methods' concept pages](index.md)) checked at small "
         "scale on the offline model and data, with several seeds. Each section says how it ran, "
-        "how to re-run it, and whether each claim was reproduced by a rule stated with it. The "
-        "whole study runs with `python -m benchmarks.study --jobs 4` (each run in its own "
-        "process; results are merged into `benchmarks/results/study_*.json` as runs finish, and "
-        "an interrupted study resumes where it stopped), then `python -m benchmarks.render` "
-        "rebuilds this page. It takes about 20 minutes on one GPU with 8 jobs, and many hours on "
-        "a CPU; it is not part of CI.",
+        "what it ran with and how to re-run it; every verdict follows the rule below. The whole "
+        "study runs with `python -m benchmarks.study --jobs 4` (each run in its own process; "
+        "results are merged into `benchmarks/results/study_*.json` as runs finish, and an "
+        "interrupted study resumes where it stopped), then `python -m benchmarks.render` "
+        "rebuilds this page. It is not part of CI.",
         "",
+        *method_lines(),
     ]
     missing = []
     for name, section in SECTIONS:

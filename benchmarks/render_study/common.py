@@ -1,5 +1,5 @@
-"""Shared pieces of the Reproduction-study page: where results and docs live, how a spread over
-seeds is written, the verdict comparison, and the figure and section-header helpers."""
+"""Shared pieces of the Reproduction-study page: where results and docs live, how a mean over
+seeds is written, the paired verdict sentence, and the figure and section-header helpers."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from benchmarks.provenance import describe
+from benchmarks.stats import CONFIDENCE, MIN_SEEDS, Claim, paired_verdict, t_interval
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -38,14 +41,106 @@ def spread_int(xs: Sequence[int]) -> str:
     return f"{mean(xs):,.0f} ({min(xs):,}-{max(xs):,}, {len(xs)} seeds)"
 
 
-def compare(a: Sequence[float], b: Sequence[float], higher_is_better: bool = True) -> str:
-    """How ``a`` compares with ``b`` given the seeds: "better"/"worse" only when the two ranges
-    of values do not overlap, else "within the seed spread"."""
-    if min(a) > max(b):
-        return "better than" if higher_is_better else "worse than"
-    if max(a) < min(b):
-        return "worse than" if higher_is_better else "better than"
-    return "within the seed spread of"
+def with_interval(xs: Sequence[float], digits: int = 3) -> str:
+    """``mean +/- half-width (n seeds)``: the mean and its 95 % t-interval over seeds."""
+    if not xs:
+        return "-"
+    if len(xs) == 1:
+        return f"{xs[0]:.{digits}g} (1 seed)"
+    m, low, _ = t_interval(list(xs))
+    return f"{m:.{digits}g} +/- {m - low:.{digits}g} ({len(xs)} seeds)"
+
+
+def by_seed(runs: Runs, metric: str) -> dict[int, float]:
+    """``{seed: run[metric]}`` of ``runs`` (one run per seed)."""
+    return {r["seed"]: float(r[metric]) for r in runs if r.get(metric) is not None}
+
+
+def run_devices(runs: Runs) -> list[str]:
+    return sorted({str(r.get("device")) for r in runs})
+
+
+def verdict_line(
+    claim: str,
+    label_a: str,
+    a: Runs | dict[int, float],
+    label_b: str,
+    b: Runs | dict[int, float],
+    metric: str,
+    side: Claim,
+    margin: float | None = None,
+    devices_of: Runs | None = None,
+) -> str:
+    """One bullet: the claim, the paired difference ``a - b`` of ``metric`` with its interval and
+    the verdict, every part of it from the values. ``a`` and ``b`` are runs (``metric`` is read
+    from them) or ``{seed: value}`` already derived from runs listed in ``devices_of``.
+
+    A comparison whose runs come from more than one device is refused (the line says so)."""
+    runs = devices_of if devices_of is not None else [*a, *b]  # type: ignore[list-item]
+    where = run_devices(runs) if runs else []
+    va = a if isinstance(a, dict) else by_seed(a, metric)
+    vb = b if isinstance(b, dict) else by_seed(b, metric)
+    refused = device_refusal(claim, label_a, label_b, runs)
+    if refused:
+        return refused
+    v = paired_verdict(va, vb, side, margin)
+    if v.n == 0:
+        return f"- {claim}: not compared: no seed ran both {label_a} and {label_b}."
+    interval = "" if v.n < 2 else f", {CONFIDENCE:.0%} interval [{v.low:+.4g}, {v.high:+.4g}]"
+    return (
+        f"- {claim}: {label_a} minus {label_b} in {metric}: mean {v.mean:+.4g}{interval} over "
+        f"{v.n} paired seeds on {where[0] if where else '?'}: **{v.label}**"
+        + ("." if v.n < MIN_SEEDS else f" ({v.reason}).")
+    )
+
+
+def device_refusal(claim: str, label_a: str, label_b: str, runs: Runs) -> str | None:
+    """The line refusing a comparison whose ``runs`` come from more than one device, else
+    ``None``."""
+    where = run_devices(runs)
+    if len(where) <= 1:
+        return None
+    return (
+        f"- {claim}: not compared: the runs of {label_a} and {label_b} ran on "
+        f"{len(where)} devices ({'; '.join(where)}); a comparison needs one device."
+    )
+
+
+def method_lines() -> list[str]:
+    """The verdict rule, from the constants of :mod:`benchmarks.stats`."""
+    return [
+        "## Method",
+        "",
+        "Every claim is tested by a paired comparison: two configs run with the same seeds (a "
+        "seed fixes the data split, the batch order and the initial weights), the difference "
+        "a - b of the stated metric is taken per seed, and the page reports its mean with a "
+        f"{CONFIDENCE:.0%} Student-t interval over the seeds (mean +/- t(0.975, n - 1) s / "
+        "sqrt(n)). Verdicts: **reproduced** when the interval lies entirely on the side the claim "
+        "names (for an equivalence claim: entirely inside a margin stated in the study's code "
+        "before the runs); **not reproduced** when it lies entirely on the other side (outside "
+        "the margin); **inconclusive** otherwise, and always with fewer than "
+        f"{MIN_SEEDS} seeds. A comparison whose runs come from more than one device is not "
+        "made. Where a method's learning rate is tuned, the rate is chosen on the validation "
+        "metric (mean over seeds) and the comparison uses the test metric where there is one. "
+        "Every run records the commit it ran from (with a flag for uncommitted changes), the "
+        "device and the library versions; sections whose runs lack them predate this method.",
+        "",
+        "Re-run: `python -m benchmarks.study --studies NAME [NAME ...] --jobs 4` (resumable: "
+        "finished runs are kept; the default seeds are "
+        f"0-{MIN_SEEDS - 1}), then `python -m benchmarks.render`; "
+        "`python -m benchmarks.study --quick --seeds 0` checks that every study runs (its "
+        "results go to `benchmarks/results/quick/`, never to the page).",
+        "",
+    ]
+
+
+def best_rate(runs: Runs, metric: str, higher: bool) -> float | None:
+    """The learning rate of ``runs`` (one config) with the best mean ``metric`` over seeds."""
+    rates = sorted({r["lr"] for r in runs if r.get(metric) is not None})
+    if not rates:
+        return None
+    score = {lr: mean([r[metric] for r in runs if r["lr"] == lr]) for lr in rates}
+    return max(rates, key=lambda lr: score[lr] if higher else -score[lr])
 
 
 def configs(runs: Runs) -> list[str]:
@@ -101,7 +196,7 @@ def mean_curve(runs: Runs, curve: str) -> tuple[list[int], list[float]]:
 
 def load(name: str) -> dict[str, Any] | None:
     path = RESULTS / f"study_{name}.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    return normalise(json.loads(path.read_text())) if path.exists() else None
 
 
 def header(title: str, study: dict[str, Any], name: str, setting: str) -> list[str]:
@@ -109,6 +204,16 @@ def header(title: str, study: dict[str, Any], name: str, setting: str) -> list[s
         f"## {title}",
         "",
         setting,
-        f"Ran on {devices(study)}; re-run with {rerun(name)}.",
+        f"Ran on {devices(study)}; re-run with {rerun(name)}. {describe(study['runs'])}",
         "",
     ]
+
+
+def normalise(study: dict[str, Any]) -> dict[str, Any]:
+    """Runs from before the method's fields carry them from the file: the learning rate when the
+    study had one for all, and the device."""
+    for r in study["runs"]:
+        if "lr" not in r and "lr" in study:
+            r["lr"] = study["lr"]
+        r.setdefault("device", study.get("device"))
+    return study

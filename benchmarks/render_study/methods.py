@@ -5,83 +5,149 @@ from __future__ import annotations
 from typing import Any
 
 from benchmarks.render_study.common import (
-    compare,
+    Runs,
+    best_rate,
     configs,
+    device_refusal,
     header,
     knobs,
     mean,
     pick,
-    spread,
-    spread_int,
+    verdict_line,
+    with_interval,
 )
+
+
+def _rates(runs: Runs) -> list[float]:
+    return sorted({r["lr"] for r in runs})
+
+
+def _adalora_lines(runs: Runs) -> list[str]:
+    lines = []
+    for ada_name in [c for c in configs(runs) if c.startswith("AdaLoRA")]:
+        target = ada_name.split("->")[-1].strip()
+        lora_name = f"LoRA r={target}"
+        ada = pick(runs, config=ada_name)
+        for lr in _rates(ada):
+            lora = pick(runs, config=lora_name, lr=lr)
+            if not lora:
+                lines.append(f"- {ada_name} at lr {lr:g}: not compared, no {lora_name} run there.")
+                continue
+            a_params = [r["adapter_parameters"] for r in pick(ada, lr=lr)]
+            l_params = [r["adapter_parameters"] for r in lora]
+            lines.append(
+                verdict_line(
+                    f"AdaLoRA is more accurate than LoRA at the same rank budget ({ada_name} "
+                    f"against {lora_name}; AdaLoRA's file holds "
+                    f"{mean(a_params) / mean(l_params):.2f} times LoRA's parameters)",
+                    f"{ada_name} (lr {lr:g})",
+                    pick(ada, lr=lr),
+                    f"{lora_name} (lr {lr:g})",
+                    lora,
+                    "test_acc",
+                    "greater",
+                )
+            )
+    return lines
+
+
+def _lora_drop_lines(runs: Runs, margin: float | None) -> list[str]:
+    lines = []
+    for name in [c for c in configs(runs) if c.startswith("LoRA-drop")]:
+        drop = pick(runs, config=name)
+        for lr in _rates(drop):
+            lora = pick(runs, config="LoRA r=8", lr=lr)
+            if not lora:
+                lines.append(f"- {name} at lr {lr:g}: not compared, no LoRA r=8 run there.")
+                continue
+            saved = 1 - mean([r["adapter_parameters"] for r in pick(drop, lr=lr)]) / mean(
+                [r["adapter_parameters"] for r in lora]
+            )
+            claim = (
+                f"LoRA-drop keeps LoRA's accuracy with fewer parameters ({name} stores "
+                f"{saved:.0%} fewer adapter parameters)"
+            )
+            refused = device_refusal(claim, name, "LoRA r=8", pick(drop, lr=lr) + lora)
+            if refused:
+                lines.append(refused)
+            elif margin is None:
+                lines.append(
+                    f"- {claim}: not judged, the study states no equivalence margin for this file."
+                )
+            else:
+                lines.append(
+                    verdict_line(
+                        claim,
+                        f"{name} (lr {lr:g})",
+                        pick(drop, lr=lr),
+                        f"LoRA r=8 (lr {lr:g})",
+                        lora,
+                        "test_acc",
+                        "equivalent",
+                        margin=margin,
+                    )
+                )
+    return lines
+
+
+def _delta_lines(runs: Runs) -> list[str]:
+    delta = pick(runs, config="Delta-LoRA r=8")
+    if not delta:
+        return []
+    rates = _rates(delta)
+    lora = [r for r in pick(runs, config="LoRA r=8") if r["lr"] in rates]
+    if not lora:
+        return ["- Delta-LoRA: not compared, no LoRA r=8 run at its rates."]
+    best_d, best_l = best_rate(delta, "val_acc", True), best_rate(lora, "val_acc", True)
+    return [
+        verdict_line(
+            "Delta-LoRA is more accurate than LoRA, each at its best rate of "
+            f"{', '.join(f'{lr:g}' for lr in rates)} by validation accuracy",
+            f"Delta-LoRA r=8 (lr {best_d:g})",
+            pick(delta, lr=best_d),
+            f"LoRA r=8 (lr {best_l:g})",
+            pick(lora, lr=best_l),
+            "test_acc",
+            "greater",
+        )
+    ]
 
 
 def methods_section(study: dict[str, Any]) -> list[str]:
     runs = study["runs"]
+    margin = study.get("lora_drop_margin")
     lines = header(
         "AdaLoRA, LoRA-drop and Delta-LoRA vs LoRA",
         study,
         "methods",
         f"MiniLM on Debian fortunes topics, {study['steps']} steps, batch {study['batch_size']}, "
-        f"learning rate {study['lr']:g} for every method, 36 encoder layers. AdaLoRA: "
-        f"{knobs(study['adalora'])}; LoRA-drop: {knobs(study['lora_drop'])}; Delta-LoRA: "
-        f"{knobs(study['delta_lora'])}. "
-        "'Adapter parameters' counts what the saved adapter file holds (AdaLoRA truncated to its "
-        "kept rank slots; LoRA-drop's shared adapters once).",
+        f"36 encoder layers. AdaLoRA: {knobs(study['adalora'])}; LoRA-drop: "
+        f"{knobs(study['lora_drop'])}; Delta-LoRA: {knobs(study['delta_lora'])}. "
+        + (
+            f"LoRA-drop's equivalence margin on test accuracy: +/-{margin:g}. "
+            if margin is not None
+            else ""
+        )
+        + "'Adapter parameters' counts what the saved adapter file holds (AdaLoRA truncated to "
+        "its kept rank slots; LoRA-drop's shared adapters once).",
     )
     lines += [
-        "| config | val accuracy | test accuracy | adapter parameters | peak GPU MiB | device |",
-        "|---|---|---|---|---|---|",
+        "| config | lr | val accuracy | test accuracy | adapter parameters | peak GPU MiB "
+        "| device |",
+        "|---|---|---|---|---|---|---|",
     ]
-    acc: dict[str, list[float]] = {}
-    params: dict[str, list[int]] = {}
     for c in configs(runs):
-        rs = pick(runs, config=c)
-        acc[c] = [r["test_acc"] for r in rs]
-        params[c] = [r["adapter_parameters"] for r in rs if "adapter_parameters" in r]
-        peak = [r["peak_mib"] for r in rs if "peak_mib" in r]
-        where = ", ".join(sorted({r.get("device") or study["device"] for r in rs}))
-        lines.append(
-            f"| {c} | {spread([r['val_acc'] for r in rs])} | {spread(acc[c])} | "
-            f"{spread_int(params[c])} | "
-            f"{spread(peak, 4) if peak else '-'} | {where} |"
-        )
-    lines += [
-        "",
-        "Claims, and what these runs show (test accuracy, 'better' only when the "
-        "seed ranges do not overlap):",
-        "",
-    ]
-    lora = acc.get("LoRA r=8")
-    if lora and acc.get("AdaLoRA 12 -> 8"):
-        ada = acc["AdaLoRA 12 -> 8"]
-        lines.append(
-            f"- AdaLoRA beats LoRA at the same rank budget: AdaLoRA {mean(ada):.3f} is "
-            f"{compare(ada, lora)} LoRA {mean(lora):.3f}: "
-            f"**{'reproduced' if compare(ada, lora) == 'better than' else 'not reproduced'}**. Its "
-            "budget counts rank slots, and it gave more of them to the larger FFN layers, so its "
-            f"file holds {mean(params['AdaLoRA 12 -> 8']) / mean(params['LoRA r=8']):.2f} times "
-            "LoRA's parameters."
-        )
-    if lora and acc.get("LoRA-drop r=8"):
-        drop = acc["LoRA-drop r=8"]
-        saved = 1 - mean(params["LoRA-drop r=8"]) / mean(params["LoRA r=8"])
-        same = compare(drop, lora) != "worse than"
-        lines.append(
-            f"- LoRA-drop keeps the accuracy with fewer parameters: it stores {saved:.0%} fewer "
-            f"adapter parameters, and its accuracy {mean(drop):.3f} is {compare(drop, lora)} "
-            f"LoRA {mean(lora):.3f}: **{'reproduced' if same else 'not reproduced'}** "
-            "(the paper reports about half the parameters)."
-        )
-    if lora and acc.get("Delta-LoRA r=8"):
-        delta = acc["Delta-LoRA r=8"]
-        lines.append(
-            f"- Delta-LoRA beats LoRA: {mean(delta):.3f} is {compare(delta, lora)} LoRA "
-            f"{mean(lora):.3f}: "
-            f"**{'reproduced' if compare(delta, lora) == 'better than' else 'not reproduced'}**."
-        )
-    lines.append(
-        "- Scale: one short run per seed on one task; the papers report GLUE-size gains of "
-        "fractions of a point to about a point, below the seed spread here."
-    )
+        for lr in _rates(pick(runs, config=c)):
+            rs = pick(runs, config=c, lr=lr)
+            params = [r["adapter_parameters"] for r in rs if "adapter_parameters" in r]
+            peak = [r["peak_mib"] for r in rs if "peak_mib" in r]
+            where = ", ".join(sorted({str(r.get("device")) for r in rs}))
+            lines.append(
+                f"| {c} | {lr:g} | {with_interval([r['val_acc'] for r in rs])} | "
+                f"{with_interval([r['test_acc'] for r in rs])} | "
+                f"{with_interval([float(p) for p in params], 6) if params else '-'} | "
+                f"{with_interval(peak, 4) if peak else '-'} | {where} |"
+            )
+    lines += ["", "Claims (test accuracy):", ""]
+    lines += _adalora_lines(runs) + _lora_drop_lines(runs, margin) + _delta_lines(runs)
     return lines

@@ -7,36 +7,85 @@ from typing import Any
 
 from benchmarks.render_study.common import (
     ASSETS,
-    compare,
+    Runs,
+    best_rate,
     configs,
     figure,
     header,
-    knobs,
     mean,
     mean_curve,
     pick,
-    spread,
+    verdict_line,
+    with_interval,
 )
 
 
+def _training(runs: Runs) -> Runs:
+    return [r for r in runs if r.get("kind", "train") == "train"]
+
+
 def plot_sltrain(study: dict[str, Any], path: Path) -> None:
-    runs = study["runs"]
+    runs = _training(study["runs"])
     with figure(
         path,
         "optimizer step",
         "held-out loss (nats per byte)",
-        "Byte-level Llama pre-trained on BBC News text",
+        "Byte-level Llama pre-trained on BBC News text (each variant at its best rate)",
     ) as ax:
         for c in configs(runs):
             rs = pick(runs, config=c)
-            label = f"{c} ({rs[0]['trainable'] / 1e6:.2f}M trained)"
+            rs = pick(rs, lr=best_rate(rs, "val_loss", False))
+            label = f"{c}, lr {rs[0]['lr']:g} ({rs[0]['trainable'] / 1e6:.2f}M trained)"
             ax.plot(*mean_curve(rs, "curve"), marker=".", label=label)
+
+
+def _memory_lines(runs: Runs) -> list[str]:
+    mem = [r for r in runs if r.get("kind") == "memory"]
+    if not mem:
+        return ["", "Memory on a weight-dominated configuration: not measured yet."]
+    m = mem[0]["memory_model"]
+    lines = [
+        "",
+        f"Memory on a weight-dominated configuration ({m['layers']} layers of width "
+        f"{m['width']}, rank {m['rank']}, batch {m['batch']} x {m['seq']} bytes), counted from the "
+        "tensors (weights, gradients, AdamW state, bytes saved for backward) and measured "
+        f"({mem[0]['peak_source']}), MiB:",
+        "",
+        "| variant | weights | gradients | optimizer state | static total | saved for backward "
+        "| measured peak | device |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in mem:
+        lines.append(
+            f"| {r['config']} | {r['weights_mib']:.1f} | {r['gradients_mib']:.1f} | "
+            f"{r['optimizer_state_mib']:.1f} | {r['static_mib']:.1f} | "
+            f"{r['saved_for_backward_mib']:.1f} | {r['peak_mib']:.1f} | {r.get('device')} |"
+        )
+    full = next((r for r in mem if r["config"] == "full rank"), None)
+    if full is not None:
+        lines.append("")
+        for r in mem:
+            if r is full:
+                continue
+            lines.append(
+                f"- {r['config']} against full rank: static memory "
+                f"{r['static_mib'] / full['static_mib']:.2f}x, measured peak "
+                f"{r['peak_mib'] / full['peak_mib']:.2f}x; the static part is "
+                f"{r['static_mib'] / r['peak_mib']:.0%} of its peak."
+            )
+    return lines
 
 
 def sltrain_section(study: dict[str, Any]) -> list[str]:
     runs = study["runs"]
+    train = _training(runs)
     plot_sltrain(study, ASSETS / "study_sltrain.png")
     m = study["model"]
+    grids = study["learning_rates"]
+    grid_text = "; ".join(
+        f"{k} {', '.join(f'{x:g}' for x in (v if isinstance(v, list) else [v]))}"
+        for k, v in grids.items()
+    )
     lines = header(
         "SLTrain vs low-rank vs full-rank pre-training (Han et al. 2024)",
         study,
@@ -45,56 +94,68 @@ def sltrain_section(study: dict[str, Any]) -> list[str]:
         f"sequences of {m['seq']} bytes) pre-trained from scratch on the BBC News articles "
         f"(90 % of the articles; the held-out 10 % give the perplexity), {study['steps']} steps "
         f"of batch {study['batch_size']}, AdamW with warm-up and cosine decay. Rank "
-        f"{study['rank']}, sparse density {study['density']}, learning rates: "
-        f"{knobs(study['learning_rates'])}. Peak memory is the GPU allocator's peak over the run "
-        "(model, gradients, AdamW state, activations).",
+        f"{study['rank']}, sparse density {study['density']}, learning rates: {grid_text}. Each "
+        "variant's best rate has the lowest mean held-out loss.",
     )
     lines += [
         "![held-out loss curves](assets/study_sltrain.png)",
         "",
-        "| variant | trained parameters | held-out perplexity per byte | bits per byte | "
-        "peak GPU MiB |",
-        "|---|---|---|---|---|",
+        "| variant | lr | trained parameters | held-out perplexity per byte | bits per byte "
+        "| peak GPU MiB |",
+        "|---|---|---|---|---|---|",
     ]
-    ppl: dict[str, list[float]] = {}
-    peak: dict[str, list[float]] = {}
-    for c in configs(runs):
-        rs = pick(runs, config=c)
-        ppl[c] = [r["val_ppl"] for r in rs]
-        peak[c] = [r["peak_mib"] for r in rs if "peak_mib" in r]
+    for c in configs(train):
+        for lr in sorted({r["lr"] for r in pick(train, config=c)}):
+            rs = pick(train, config=c, lr=lr)
+            peak = [r["peak_mib"] for r in rs if "peak_mib" in r]
+            lines.append(
+                f"| {c} | {lr:g} | {rs[0]['trainable']:,} | "
+                f"{with_interval([r['val_ppl'] for r in rs], 4)} | "
+                f"{with_interval([r['bits_per_byte'] for r in rs], 4)} | "
+                f"{with_interval(peak, 5) if peak else '-'} |"
+            )
+    best = {c: pick(train, config=c) for c in configs(train)}
+    best = {c: pick(rs, lr=best_rate(rs, "val_loss", False)) for c, rs in best.items()}
+    lines += ["", "Claims (held-out loss in nats per byte, each variant at its best rate):", ""]
+    sl, low, full = best.get("SLTrain"), best.get("low-rank"), best.get("full rank")
+    if sl and low:
         lines.append(
-            f"| {c} | {rs[0]['trainable']:,} | {spread(ppl[c], 4)} | "
-            f"{spread([r['bits_per_byte'] for r in rs], 4)} | "
-            f"{spread(peak[c], 5) if peak[c] else '-'} |"
+            verdict_line(
+                "SLTrain pre-trains better than its low-rank part alone",
+                f"SLTrain (lr {sl[0]['lr']:g})",
+                sl,
+                f"low-rank (lr {low[0]['lr']:g})",
+                low,
+                "val_loss",
+                "less",
+            )
         )
-    full, low, sl = ppl.get("full rank"), ppl.get("low-rank"), ppl.get("SLTrain")
-    lines += ["", "Claims, and what these runs show:", ""]
-    if full and low and sl:
-        gap_sl = mean(sl) / mean(full) - 1
-        gap_low = mean(low) / mean(full) - 1
-        lines.append(
-            f"- SLTrain comes close to full rank and clearly beats pure low-rank: SLTrain's "
-            f"perplexity is {gap_sl:.1%} above full rank's, low-rank's {gap_low:.1%} above "
-            f"(SLTrain is {compare(sl, low, higher_is_better=False)} low-rank): "
-            f"**{'reproduced' if gap_sl < gap_low / 2 and compare(sl, low, False) == 'better than' else 'not reproduced'}** "
-            "(rule: SLTrain's gap under half of low-rank's, and better on every seed)."
-        )
-    if peak.get("full rank") and peak.get("SLTrain"):
-        ratio = mean(peak["SLTrain"]) / mean(peak["full rank"])
-        lines.append(
-            f"- Less memory than full rank: SLTrain peaks at {ratio:.2f} times full rank's "
-            f"memory here: **{'reproduced' if ratio < 1 else 'not reproduced'}**. At this size the "
-            "peak is dominated by activations (and the dense temporaries SLTrain builds for each "
-            "sparse matmul), not by weights and optimizer state, which is where SLTrain saves "
-            f"({mean([r['trainable'] for r in pick(runs, config='SLTrain')]) / 1e6:.2f}M vs "
-            f"{mean([r['trainable'] for r in pick(runs, config='full rank')]) / 1e6:.2f}M trained "
-            "parameters); the paper's savings are on 350M-7B models."
-        )
-    seeds = {c: len(v) for c, v in ppl.items()}
-    if len(set(seeds.values())) > 1:
-        lines.append(
-            "- Seeds per variant: "
-            + ", ".join(f"{c} {n}" for c, n in seeds.items())
-            + " (a run that did not finish in its time slot is missing; re-running resumes)."
-        )
-    return lines
+    margin = study.get("close_margin")
+    if sl and full:
+        if margin is None:
+            lines.append(
+                "- SLTrain comes close to full rank: not judged, the study states no margin "
+                "for this file."
+            )
+        else:
+            lines.append(
+                verdict_line(
+                    f"SLTrain comes within +/-{margin:g} nats per byte of full rank",
+                    f"SLTrain (lr {sl[0]['lr']:g})",
+                    sl,
+                    f"full rank (lr {full[0]['lr']:g})",
+                    full,
+                    "val_loss",
+                    "equivalent",
+                    margin=margin,
+                )
+            )
+    seeds = {c: len(rs) for c, rs in best.items()}
+    lines.append(
+        "- Seeds per variant at its best rate: "
+        + ", ".join(f"{c} {n}" for c, n in seeds.items())
+        + " (mean held-out loss: "
+        + ", ".join(f"{c} {mean([r['val_loss'] for r in rs]):.4g}" for c, rs in best.items())
+        + ")."
+    )
+    return lines + _memory_lines(runs)
