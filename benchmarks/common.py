@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -115,18 +116,32 @@ def fresh_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
 
 
+#: untimed steps of every runner before the first round (allocator, caches, AdamW state)
+WARMUP_STEPS = 3
+
+
+def round_order(names: list[str], rep: int, seed: int = 0) -> list[str]:
+    """The order of round ``rep``: a permutation of ``names`` drawn from ``(seed, rep)``, so a
+    variant is not always timed right after the same other one, and a run is repeatable."""
+    order = list(names)
+    random.Random(f"{seed}:{rep}").shuffle(order)
+    return order
+
+
 def time_interleaved(
     runners: list[Runner],
     reps: int,
     steps: int,
-    warmup: int = 1,
+    warmup: int = WARMUP_STEPS,
     log: Callable[[str], None] = print,
     clock: Callable[[], float] = time.perf_counter,
+    seed: int = 0,
 ) -> dict[str, list[float]]:
     """Seconds per step of every runner, ``reps`` rounds of ``steps`` steps each.
 
-    Each round runs every runner once, in an order rotated by the round number, so slow phases of a
-    shared machine hit all runners alike. Returns the per-step times of each round. ``clock`` is
+    Each round runs every runner once, in an order shuffled anew each round
+    (:func:`round_order`), so slow phases of a shared machine and the cache state left by the
+    previous variant hit all runners alike. Returns the per-step times of each round. ``clock`` is
     wall time by default; ``time.process_time`` (CPU time of this process) is far less sensitive
     to other processes competing for the cores when torch runs on one thread.
     """
@@ -134,9 +149,9 @@ def time_interleaved(
         for _ in range(warmup):
             r.step()
     times: dict[str, list[float]] = {r.name: [] for r in runners}
+    by_name = {r.name: r for r in runners}
     for rep in range(reps):
-        shift = rep % len(runners)
-        order = runners[shift:] + runners[:shift]
+        order = [by_name[n] for n in round_order(list(by_name), rep, seed)]
         for r in order:
             t0 = clock()
             for _ in range(steps):

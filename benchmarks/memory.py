@@ -6,11 +6,23 @@ variant (each still in its own process, ``jobs`` of them at a time: a process's 
 and writes the memory table of ``benchmarks/results/speed.json`` and ``speed.md`` anew;
 ``--from FILE`` takes the JSON lines of earlier single-variant runs instead of measuring.
 
-Method: the model is loaded and the adapter built; then the resident set size (RSS) is read and the
-kernel's peak-RSS counter is reset (``/proc/self/clear_refs``); three training steps run (forward,
-backward, AdamW step: activations, gradients and optimizer state); the result is the peak RSS
-during those steps minus the RSS before them. Each variant runs in its own process so that one
-variant's freed memory cannot hide another's peak. Linux only.
+Method: the model is loaded and copied (every variant, the floor too, trains a deep copy whose
+weights are resident before the baseline is read), the adapter built and the original freed;
+then the resident set size (RSS) is read and the kernel's peak-RSS counter is reset
+(``/proc/self/clear_refs``); three training steps run (forward, backward, AdamW step: activations,
+gradients and optimizer state); the result is the peak RSS during those steps minus the RSS before
+them. Each variant runs in its own process so that one variant's freed memory cannot hide
+another's peak, several times in a shuffled order (``measure_all``). Linux only.
+
+Why every variant trains a copy: the loaded weights are memory-mapped from the safetensors file
+and become resident only when first read. A variant that trains the loaded model itself (the
+floor did, before) pages its ~85 MiB of weights in during the measured steps and reads that much
+higher: that is how the floor once read above LoRA. A copy reads every weight before the
+baseline, so the same bytes are outside every variant's reading.
+
+Cross-check, independent of the allocator: the bytes autograd saves for backward during one
+forward (``benchmarks.tensor_bytes.saved_tensor_bytes``, distinct storages, frozen weights
+excluded) and the gradients and optimizer state counted from the tensors.
 """
 
 from __future__ import annotations
@@ -20,6 +32,7 @@ import ctypes
 import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -44,29 +57,77 @@ def _settle() -> None:
         pass
 
 
-def measure(variant: str, steps: int = 3) -> dict[str, float]:
-    from benchmarks.common import Runner, floor_step_fn, fresh_copy, load_base, make_batch
+def build_variant(variant: str, batch: dict) -> object:
+    """The runner of ``variant`` on a deep copy of the loaded model (see the module docstring)."""
+    from benchmarks.common import Runner, floor_step_fn, fresh_copy, load_base
     from benchmarks.methods import ENTRIES, build_ours, build_peft
 
-    torch.set_num_threads(1)
     base = load_base()
-    batch = make_batch()
+    model = fresh_copy(base)
+    del base  # the mapped file pages go with it
     if variant == "floor":
-        runner = Runner("floor", base, floor_step_fn(base, batch))
-    else:
-        name, lib = variant.split(":")
-        entry = next(e for e in ENTRIES if e.name == name)
-        build = build_ours if lib == "ours" else build_peft
-        runner = build(entry, fresh_copy(base), batch)
-        del base
+        return Runner("floor", model, floor_step_fn(model, batch))
+    name, lib = variant.split(":")
+    entry = next(e for e in ENTRIES if e.name == name)
+    build = build_ours if lib == "ours" else build_peft
+    return build(entry, model, batch)
+
+
+def cross_check(runner: object, batch: dict) -> dict[str, float]:
+    """Saved-for-backward bytes of one forward, and gradient and optimizer-state bytes, in MiB."""
+    from benchmarks.common import loss_of
+    from benchmarks.tensor_bytes import saved_tensor_bytes
+
+    model = runner.model  # type: ignore[attr-defined]
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    saved = saved_tensor_bytes(lambda: loss_of(model, batch), exclude=frozen)
+    grads = sum(
+        p.numel() * p.element_size() for p in model.parameters() if p.requires_grad
+    )  # a gradient per trainable tensor during backward
+    mib = 2**20
+    return {
+        "saved_mib": saved / mib,
+        "grads_mib": grads / mib,
+        "adamw_state_mib": 2 * grads / mib,  # exp_avg and exp_avg_sq
+    }
+
+
+def measure(variant: str, steps: int = 3) -> dict[str, float]:
+    from benchmarks.common import make_batch
+
+    torch.set_num_threads(1)
+    batch = make_batch()
+    runner = build_variant(variant, batch)
     _settle()
     before = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM (the peak RSS) to the current RSS
     for _ in range(steps):
-        runner.step()
+        runner.step()  # type: ignore[attr-defined]
     peak = _status_kib("VmHWM")
-    return {"variant": variant, "peak_mib": (peak - before) / 1024, "rss_before_mib": before / 1024}
+    return {
+        "variant": variant,
+        "peak_mib": (peak - before) / 1024,
+        "rss_before_mib": before / 1024,
+        **cross_check(runner, batch),
+    }
+
+
+def measure_all(
+    variants: list[str], repeats: int, log=print, seed: int = 0
+) -> dict[str, list[dict[str, float]]]:
+    """``repeats`` readings of every variant, each in a fresh process, in rounds whose order is
+    shuffled anew (so no variant always follows the same one)."""
+    from benchmarks.common import round_order
+
+    out: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+    for rep in range(repeats):
+        for v in round_order(variants, rep, seed):
+            result = _run_variant(v)
+            if result is not None:
+                out[v].append(result)
+                log(f"  {v} (reading {rep + 1}/{repeats}): {result['peak_mib']:.0f} MiB")
+    return {v: rs for v, rs in out.items() if rs}
 
 
 def variants() -> list[str]:
@@ -97,22 +158,49 @@ def _run_variant(variant: str) -> dict[str, float] | None:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def memory_block(raw: dict[str, float]) -> dict:
-    """The ``memory`` entry of ``speed.json`` from ``{variant: peak MiB}``."""
+def _reading(readings: list[dict[str, float]] | None, key: str = "peak_mib") -> dict | None:
+    if not readings:
+        return None
+    values = [r[key] for r in readings]
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "all": values,
+    }
+
+
+def _detail(readings: list[dict[str, float]]) -> dict:
+    """The RSS readings and the tensor counts (the same in every reading) of one variant."""
+    counts = ("saved_mib", "grads_mib", "adamw_state_mib")
+    return {"rss": _reading(readings), **{k: readings[0][k] for k in counts if k in readings[0]}}
+
+
+def memory_block(raw: dict[str, list[dict[str, float]]]) -> dict:
+    """The ``memory`` entry of ``speed.json`` from ``{variant: [readings of measure()]}``."""
     from benchmarks.methods import ENTRIES
 
+    floor = raw.get("floor")
     out: dict = {
-        "how": "peak RSS increase during 3 training steps over the RSS after building the model, "
-        "in a fresh process per variant (Linux VmHWM reset through /proc/self/clear_refs)",
-        "floor_mib": raw.get("floor"),
+        "how": "peak RSS increase during 3 training steps over the RSS after building the model "
+        "(every variant on a deep copy whose weights are resident before the baseline), in fresh "
+        "processes, several readings per variant in a shuffled order (Linux VmHWM reset through "
+        "/proc/self/clear_refs); cross-checked by the bytes autograd saves for backward "
+        "(saved_tensors_hooks, distinct storages, frozen weights excluded)",
+        "floor_mib": _reading(floor)["median"] if floor else None,
+        "floor": _detail(floor) if floor else None,
         "methods": {},
     }
     for e in ENTRIES:
-        if f"{e.name}:ours" not in raw:
+        ours = raw.get(f"{e.name}:ours")
+        if not ours:
             continue
-        out["methods"][e.name] = {"ours_mib": raw.get(f"{e.name}:ours")}
-        if e.peft is not None:
-            out["methods"][e.name]["peft_mib"] = raw.get(f"{e.name}:peft")
+        row: dict = {"ours_mib": _reading(ours)["median"], "ours": _detail(ours)}
+        peft = raw.get(f"{e.name}:peft")
+        if e.peft is not None and peft:
+            row["peft_mib"] = _reading(peft)["median"]
+            row["peft"] = _detail(peft)
+        out["methods"][e.name] = row
     return out
 
 
@@ -121,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("variant", nargs="?", help="floor, <Method>:ours or <Method>:peft")
     parser.add_argument("--all", action="store_true", help="every variant; update speed.json")
     parser.add_argument("--jobs", type=int, default=1, help="variants measured at a time")
+    parser.add_argument("--repeats", type=int, default=3, help="readings per variant")
     parser.add_argument("--from", dest="source", type=Path, help="JSON lines of earlier runs")
     args = parser.parse_args(argv)
     if not args.all:
@@ -128,11 +217,17 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.source is not None:
         lines = [json.loads(line) for line in args.source.read_text().splitlines() if line.strip()]
-        raw = {r["variant"]: r["peak_mib"] for r in lines}
+        raw: dict[str, list[dict[str, float]]] = {}
+        for r in lines:
+            raw.setdefault(r["variant"], []).append(r)
     else:
+        todo = [v for _ in range(args.repeats) for v in variants()]
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            results = list(pool.map(_run_variant, variants()))
-        raw = {r["variant"]: r["peak_mib"] for r in results if r is not None}
+            results = list(pool.map(_run_variant, todo))
+        raw = {}
+        for r in results:
+            if r is not None:
+                raw.setdefault(r["variant"], []).append(r)
     from benchmarks.report import markdown_report
 
     path = Path(__file__).parent / "results" / "speed.json"

@@ -8,8 +8,12 @@ NOT_MEASURED = "Not measured in this run."
 
 
 def _ratio(d: dict[str, Any] | None) -> str:
+    """``mean [95 % interval]`` of a ratio over rounds; results from before the intervals show
+    ``median (min-max)``."""
     if not d:
         return "-"
+    if "ratio_high" in d:
+        return f"{d['ratio_mean']:.3f} [{d['ratio_low']:.3f}, {d['ratio_high']:.3f}]"
     return f"{d['ratio']:.2f} ({d['ratio_min']:.2f}-{d['ratio_max']:.2f})"
 
 
@@ -17,6 +21,20 @@ def _check(value: float | None, limit: float | None) -> str:
     if value is None or limit is None:
         return "-"
     return "yes" if value <= limit else "**no**"
+
+
+def _met(d: dict[str, Any] | None, limit: float | None) -> str:
+    """ "yes" only when the 95 % interval's upper end is below ``limit``; "inside the noise" when
+    the interval contains it; results without intervals are judged on the median and say so."""
+    if not d or limit is None:
+        return "-"
+    if "ratio_high" not in d:
+        return _check(d["ratio"], limit) + " (median; no interval)"
+    if d["ratio_high"] < limit:
+        return "yes"
+    if d["ratio_low"] > limit:
+        return "**no**"
+    return "not shown (interval contains the target)"
 
 
 def training_table(res: dict[str, Any]) -> str:
@@ -34,20 +52,19 @@ def training_table(res: dict[str, Any]) -> str:
     ]
     for name, row in tr["methods"].items():
         ours, peft = row["ours"], row.get("peft")
+        vs = row.get("ours_over_peft_interval")
+        vs_text = _ratio(vs) if vs else f"{row.get('ours_over_peft', 0):.2f}"
         target = targets.get(name)
         target_s = f"<= {target:.2f}" if target else "-"
         if name in reported:
             target_s += f" (PEFT measured {reported[name]:.2f} when set)"
         lines.append(
             f"| {name} | {ours['seconds']:.3f} | {_ratio(ours)} | "
-            + (
-                f"{peft['seconds']:.3f} | {_ratio(peft)} | {row['ours_over_peft']:.2f}"
-                if peft
-                else "- | - | -"
-            )
-            + f" | {target_s} | {_check(ours['ratio'], target)} | "
+            + (f"{peft['seconds']:.3f} | {_ratio(peft)} | {vs_text}" if peft else "- | - | -")
+            + f" | {target_s} | {_met(ours, target)} | "
             + (f"<= {vs_peft[name]:.2f}" if name in vs_peft else "-")
-            + f" | {_check(row.get('ours_over_peft'), vs_peft.get(name))} | {ours['trainable']:,} | "
+            + f" | {_met(vs or ({'ratio': row['ours_over_peft']} if peft else None), vs_peft.get(name))}"
+            + f" | {ours['trainable']:,} | "
             + (f"{peft['trainable']:,}" if peft else "-")
             + " |"
         )
@@ -78,26 +95,60 @@ def arithmetic_table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _mib(row: dict[str, Any] | None) -> str:
+    """``median (min-max, n readings)`` of RSS readings; one number for a single old reading."""
+    if not row or not row.get("rss"):
+        return "-"
+    r = row["rss"]
+    if len(r["all"]) == 1:
+        return f"{r['median']:.0f} (1 reading)"
+    return f"{r['median']:.0f} ({r['min']:.0f}-{r['max']:.0f}, {len(r['all'])} readings)"
+
+
+def _saved(row: dict[str, Any] | None) -> str:
+    return f"{row['saved_mib']:.0f}" if row and row.get("saved_mib") is not None else "-"
+
+
 def memory_table(res: dict[str, Any]) -> str:
     mem = res["memory"]
     floor = mem.get("floor_mib")
+    has_detail = any("ours" in row for row in mem["methods"].values())
     lines = [
         f"Measured as the {mem['how']}"
         + (f"; {mem['separate_run']}" if mem.get("separate_run") else "")
         + ". Floor: "
-        + (f"{floor:.0f} MiB." if floor is not None else "not measured."),
+        + (f"{floor:.0f} MiB" if floor is not None else "not measured")
+        + (f", saved for backward {_saved(mem.get('floor'))} MiB." if has_detail else "."),
         "",
-        "| method | ours MiB | PEFT MiB | ours <= PEFT |",
-        "|---|---|---|---|",
+    ]
+    if not has_detail:  # results from before the repeated readings and the cross-check
+        lines += ["| method | ours MiB | PEFT MiB | ours <= PEFT |", "|---|---|---|---|"]
+        for name, row in mem["methods"].items():
+            ours, peft = row.get("ours_mib"), row.get("peft_mib")
+            lines.append(
+                f"| {name} | {ours:.0f} | "
+                + (f"{peft:.0f}" if peft is not None else "-")
+                + f" | {_check(ours, peft)} |"
+                if ours is not None
+                else f"| {name} | failed | - | - |"
+            )
+        return "\n".join(lines)
+    lines += [
+        "| method | ours RSS MiB | PEFT RSS MiB | ours / PEFT | ours saved for backward MiB "
+        "| PEFT saved for backward MiB | ours trainable + AdamW state MiB |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, row in mem["methods"].items():
-        ours, peft = row.get("ours_mib"), row.get("peft_mib")
+        ours, peft = row.get("ours"), row.get("peft")
+        ratio = f"{row['ours_mib'] / row['peft_mib']:.2f}" if row.get("peft_mib") else "-"
+        static = (
+            f"{ours['grads_mib'] + ours['adamw_state_mib']:.1f}"
+            if ours and "grads_mib" in ours
+            else "-"
+        )
         lines.append(
-            f"| {name} | {ours:.0f} | "
-            + (f"{peft:.0f}" if peft is not None else "-")
-            + f" | {_check(ours, peft)} |"
-            if ours is not None
-            else f"| {name} | failed | - | - |"
+            f"| {name} | {_mib(ours)} | {_mib(peft)} | {ratio} | {_saved(ours)} | "
+            f"{_saved(peft)} | {static} |"
         )
     return "\n".join(lines)
 
@@ -131,6 +182,18 @@ def callback_table(res: dict[str, Any]) -> str:
 def markdown_report(res: dict[str, Any]) -> str:
     meta = res["meta"]
     skipped = "".join(f"\n- {k}: {v}" for k, v in meta.get("skipped", {}).items())
+    if meta.get("commit"):
+        made = (
+            f" Commit {meta['commit'][:10]}"
+            + (" with uncommitted changes" if meta.get("dirty") else "")
+            + f", device {meta.get('device')}."
+        )
+    else:
+        made = (
+            " This result file records no commit: it predates the interval method (shuffled "
+            "rounds, 95 % intervals, repeated memory readings) and may describe older code."
+        )
+    order = meta.get("order", "rotated each round")
     return "\n".join(
         [
             f"Run {meta['date']} on {meta['machine']}; torch {meta['versions']['torch']}, "
@@ -138,8 +201,17 @@ def markdown_report(res: dict[str, Any]) -> str:
             f"Lightning {meta['versions']['lightning']}. {meta['model']}, batch {meta['batch']} x "
             f"{meta['seq_len']} tokens, {meta['optimizer']}; timed by "
             f"{meta.get('clock', 'wall time')}; {meta['reps']} interleaved rounds of "
-            f"{meta['steps_per_rep']} steps; medians, ratios as median (min-max) over rounds of "
-            f"the ratio within a round. Whole run: {meta['wall_seconds']} s."
+            f"{meta['steps_per_rep']} steps, order {order}"
+            + (
+                f", {meta['warmup_steps']} warm-up steps per variant; seconds are medians, "
+                "ratios the mean [95 % t-interval] over rounds of the ratio within a round; a "
+                "target is met only when the interval's upper end is below it."
+                if "warmup_steps" in meta
+                else "; medians, ratios as median (min-max) over rounds of the ratio within a "
+                "round."
+            )
+            + f" Whole run: {meta['wall_seconds']} s."
+            + made
             + (f"\n\nNot measured:{skipped}" if skipped else ""),
             "",
             "### Training step",

@@ -4,15 +4,18 @@
 
 1. training-step time (forward, backward, AdamW step) of every method in this library and in PEFT
    with the same configuration, and of the floor (the frozen model with the gradient flowing to
-   the embedding output: no adapter can be cheaper), in interleaved rounds; each variant's time is
-   reported as the median over rounds and as the median over rounds of its ratio to the floor of
-   the same round (paired, so a slow phase of a shared machine cancels);
+   the embedding output: no adapter can be cheaper), in interleaved rounds whose order is shuffled
+   anew each round (seeded), after ``WARMUP_STEPS`` untimed steps of each; each variant's time is
+   reported as the median over rounds, and its ratio to the floor of the same round (paired, so a
+   slow phase of a shared machine cancels) as the mean over rounds with a 95 % t-interval. A
+   target counts as met only when the interval's upper end is below it;
    then what the arithmetic allows: each adapter's multiply-adds against the adapted layers' base
    matmuls, and the measured share of the floor spent in those matmuls (``benchmarks.arithmetic``);
 2. inference (eval, no grad) of the base model, of every method unmerged and merged;
 3. the callback's overhead: LoRA trained by ``Trainer.fit`` with ``LowRankCallback`` against a plain
    loop doing the same steps on the same kind of layers;
-4. peak training memory of every variant, each in a fresh process (see ``benchmarks.memory``).
+4. peak training memory of every variant, each in several fresh processes (see
+   ``benchmarks.memory``), cross-checked by the bytes autograd saves for backward.
 
 Writes ``benchmarks/results/speed.json`` and ``speed.md``; ``python -m benchmarks.render`` turns the
 JSON into the docs' Benchmarks page.
@@ -36,6 +39,7 @@ from benchmarks.common import (
     BATCH,
     SEQ,
     TARGET,
+    WARMUP_STEPS,
     Runner,
     floor_step_fn,
     fresh_copy,
@@ -45,7 +49,9 @@ from benchmarks.common import (
     time_interleaved,
 )
 from benchmarks.methods import ENTRIES, build_ours, build_peft
+from benchmarks.provenance import provenance
 from benchmarks.report import markdown_report
+from benchmarks.stats import t_interval
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -72,13 +78,32 @@ def _paired_ratios(times: dict[str, list[float]], name: str, ref: str) -> list[f
     return [t / r for t, r in zip(times[name], times[ref], strict=True)]
 
 
-def _summary(times: dict[str, list[float]], name: str, ref: str) -> dict[str, Any]:
-    ratios = _paired_ratios(times, name, ref)
+def ratio_summary(ratios: list[float]) -> dict[str, Any]:
+    """Median, min, max and the mean with its 95 % t-interval of per-round ratios."""
+    m, low, high = t_interval(ratios)
     return {
-        "seconds": median(times[name]),
         "ratio": median(ratios),
         "ratio_min": min(ratios),
         "ratio_max": max(ratios),
+        "ratio_mean": m,
+        "ratio_low": low,
+        "ratio_high": high,
+        "ratios": ratios,
+    }
+
+
+def met(summary: dict[str, Any] | None, target: float | None) -> bool | None:
+    """``True`` only when the 95 % interval of the ratio lies entirely below ``target``; ``None``
+    when there is nothing to judge."""
+    if summary is None or target is None or "ratio_high" not in summary:
+        return None
+    return bool(summary["ratio_high"] < target)
+
+
+def _summary(times: dict[str, list[float]], name: str, ref: str) -> dict[str, Any]:
+    return {
+        "seconds": median(times[name]),
+        **ratio_summary(_paired_ratios(times, name, ref)),
         "rounds": times[name],
     }
 
@@ -109,7 +134,9 @@ def bench_training(base, batch, entries, reps: int, steps: int) -> tuple[dict, d
             peft = f"{e.name} (PEFT)"
             row["peft"] = _summary(times, peft, "floor")
             row["peft"]["trainable"] = _trainable(next(r.model for r in runners if r.name == peft))
-            row["ours_over_peft"] = median(_paired_ratios(times, ours, peft))
+            vs = ratio_summary(_paired_ratios(times, ours, peft))
+            row["ours_over_peft"] = vs["ratio"]
+            row["ours_over_peft_interval"] = vs
         methods[e.name] = row
     out["methods"] = methods
     del runners
@@ -215,26 +242,19 @@ def bench_callback(base, batch, reps: int, steps: int) -> dict:
     return {
         "fit_seconds": median(fit_t),
         "loop_seconds": median(loop_t),
-        "ratio": median(ratios),
-        "ratio_min": min(ratios),
-        "ratio_max": max(ratios),
+        **ratio_summary(ratios),
     }
 
 
-def bench_memory(entries) -> dict:
-    from benchmarks.memory import _run_variant, memory_block
+def bench_memory(entries, repeats: int) -> dict:
+    from benchmarks.memory import measure_all, memory_block
 
     names = {e.name for e in entries}
     variants = ["floor"] + [
         f"{e.name}:{lib}" for e in entries for lib in ("ours", "peft") if lib == "ours" or e.peft
     ]
-    log(f"memory: {len(variants)} variants, one fresh process each")
-    raw = {}
-    for v in variants:
-        result = _run_variant(v)
-        if result is not None:
-            raw[v] = result["peak_mib"]
-            log(f"  {v}: {raw[v]:.0f} MiB")
+    log(f"memory: {len(variants)} variants, {repeats} fresh processes each, shuffled")
+    raw = measure_all(variants, repeats, log=log)
     block = memory_block(raw)
     block["methods"] = {k: v for k, v in block["methods"].items() if k in names}
     return block
@@ -244,6 +264,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=7, help="interleaved rounds")
     parser.add_argument("--steps", type=int, default=3, help="steps per variant per round")
+    parser.add_argument(
+        "--memory-repeats", type=int, default=3, help="fresh processes per variant for memory"
+    )
     parser.add_argument("--quick", action="store_true", help="2 rounds of 1 step: a smoke run")
     parser.add_argument("--methods", nargs="*", help="only these methods (default: all)")
     parser.add_argument(
@@ -255,7 +278,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.quick:
-        args.reps, args.steps = 2, 1
+        args.reps, args.steps, args.memory_repeats = 2, 1, 1
+        if args.out == RESULTS:  # smoke numbers never replace the committed results
+            args.out = RESULTS / "quick"
     torch.set_num_threads(1)  # a shared 2-core machine: one thread per process is the stable unit
     torch.manual_seed(0)
     started = time.perf_counter()
@@ -296,6 +321,10 @@ def main(argv: list[str] | None = None) -> dict:
             "reps": args.reps,
             "steps_per_rep": args.steps,
             "configs": {e.name: e.kwargs for e in entries},
+            "warmup_steps": WARMUP_STEPS,
+            "order": "shuffled anew each round (seeded)",
+            "memory_repeats": args.memory_repeats,
+            **provenance(f"CPU ({platform.machine()}, {os.cpu_count()} CPUs), torch threads 1"),
             "skipped": skipped,
             "command": "make bench  (python -m benchmarks.speed)",
             "wall_seconds": None,
@@ -326,7 +355,7 @@ def main(argv: list[str] | None = None) -> dict:
         results["callback"] = bench_callback(base, batch, max(3, args.reps), max(3, args.steps + 2))
         write()
     if "memory" in phases:
-        results["memory"] = bench_memory(entries)
+        results["memory"] = bench_memory(entries, args.memory_repeats)
         write()
     log(markdown_report(results))
     log(f"wrote {args.out / 'speed.json'} and speed.md in {results['meta']['wall_seconds']} s")
