@@ -10,7 +10,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test lint unit notebooks docs serve-docs bench format clean fortunes
+.PHONY: demo test lint unit notebooks docs serve-docs bench bench-causal format clean fortunes
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,12 @@ serve-docs: $(VENV)/.all-installed
 
 bench: $(VENV)/.all-installed fortunes
 	$(BIN)/python -m benchmarks.speed
+	$(BIN)/python -m benchmarks.render
+
+# SmolLM2-135M causal LM on CPU (batch 4 x 256): against the floor and PEFT, with and without
+# gradient checkpointing; add ARGS=--quant for the 4-bit-base rows once lightning_lowrank.quant exists
+bench-causal: $(VENV)/.all-installed
+	$(BIN)/python -m benchmarks.causal_lm $(ARGS)
 	$(BIN)/python -m benchmarks.render
 
 # Debian's fortunes corpus (a harder classification task for tutorials and benchmarks); without

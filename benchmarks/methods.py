@@ -30,7 +30,7 @@ class MethodEntry:
     module: str  # lightning_lowrank.methods.<module>
     config_name: str
     kwargs: dict[str, Any]
-    peft: Callable[[], Any] | None  # PEFT config factory; None: PEFT has no such method
+    peft: Callable[..., Any] | None  # PEFT config factory (target=...); None: PEFT lacks it
 
     def ours_config(self) -> Any:
         mod = importlib.import_module(f"lightning_lowrank.methods.{self.module}")
@@ -45,21 +45,21 @@ class MethodEntry:
         return None
 
 
-def _peft_lora(use_dora: bool = False) -> Any:
+def _peft_lora(use_dora: bool = False, target: str = TARGET) -> Any:
     from peft import LoraConfig
 
     return LoraConfig(
-        r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGET, use_dora=use_dora
+        r=8, lora_alpha=16, lora_dropout=0.0, target_modules=target, use_dora=use_dora
     )
 
 
-def _peft_vera() -> Any:
+def _peft_vera(target: str = TARGET) -> Any:
     from peft import VeraConfig
 
-    return VeraConfig(r=256, target_modules=TARGET, d_initial=0.1, projection_prng_key=0)
+    return VeraConfig(r=256, target_modules=target, d_initial=0.1, projection_prng_key=0)
 
 
-def _peft_adalora() -> Any:
+def _peft_adalora(target: str = TARGET) -> Any:
     from peft import AdaLoraConfig
 
     s = ADALORA_SCHEDULE
@@ -74,14 +74,18 @@ def _peft_adalora() -> Any:
         beta1=0.85,
         beta2=0.85,
         orth_reg_weight=0.1,
-        target_modules=TARGET,
+        target_modules=target,
     )
 
 
 ENTRIES: list[MethodEntry] = [
     MethodEntry("LoRA", "lora", "LoRA", {"rank": 8, "alpha": 16.0}, _peft_lora),
     MethodEntry(
-        "DoRA", "dora", "DoRA", {"rank": 8, "alpha": 16.0}, lambda: _peft_lora(use_dora=True)
+        "DoRA",
+        "dora",
+        "DoRA",
+        {"rank": 8, "alpha": 16.0},
+        lambda target=TARGET: _peft_lora(use_dora=True, target=target),
     ),
     MethodEntry("VeRA", "vera", "VeRA", {"rank": 256, "d_init": 0.1, "seed": 0}, _peft_vera),
     MethodEntry(
@@ -95,15 +99,26 @@ ENTRIES: list[MethodEntry] = [
 ]
 
 
-def build_ours(entry: MethodEntry, model: nn.Module, batch: dict) -> Runner:
+#: LoRA-FA: LoRA with A frozen after initialisation; PEFT has no such config (only an optimizer)
+LORA_FA = MethodEntry("LoRA-FA", "lora", "LoRA", {"rank": 8, "alpha": 16.0, "train_a": False}, None)
+
+
+def build_ours(
+    entry: MethodEntry,
+    model: nn.Module,
+    batch: dict,
+    target: str = TARGET,
+    inject_kwargs: dict[str, Any] | None = None,
+) -> Runner:
     """Inject this library's adapter into ``model`` and return its training-step runner.
 
     Scheduled parts of a method (AdaLoRA's allocator) run from the same hooks the callback uses.
+    ``inject_kwargs`` go to :func:`~lightning_lowrank.inject` (``quantize_base="nf4"``, say).
     """
     from lightning_lowrank.schedules import default_schedules
 
     config = entry.ours_config()
-    inject(model, config, target_modules=TARGET)
+    inject(model, config, target_modules=target, **(inject_kwargs or {}))
     layers = adapter_layers(model)
     schedules = default_schedules(config)
     for s in schedules:
@@ -123,12 +138,12 @@ def build_ours(entry: MethodEntry, model: nn.Module, batch: dict) -> Runner:
     return Runner(f"{entry.name} (ours)", model, step, {"schedules": len(schedules)})
 
 
-def build_peft(entry: MethodEntry, model: nn.Module, batch: dict) -> Runner:
+def build_peft(entry: MethodEntry, model: nn.Module, batch: dict, target: str = TARGET) -> Runner:
     """Wrap ``model`` with PEFT's version of the method and return its training-step runner."""
     from peft import get_peft_model
 
     assert entry.peft is not None
-    pmodel = get_peft_model(model, entry.peft())
+    pmodel = get_peft_model(model, entry.peft(target=target))
     after = None
     if entry.name == "AdaLoRA":
         # PEFT's AdaLoRA needs this call after every optimizer step (gradients still present)

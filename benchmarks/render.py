@@ -91,6 +91,58 @@ def _arithmetic_notes(res: dict[str, Any]) -> list[str]:
     return notes
 
 
+def _memory_notes(res: dict[str, Any]) -> list[str]:
+    """Why a variant reads below the floor in results measured before every variant trained a
+    resident copy, from the file's own numbers."""
+    mem = res.get("memory")
+    if not mem or mem.get("floor_mib") is None or "floor" in mem:
+        return []
+    below = {
+        n: row["ours_mib"]
+        for n, row in mem["methods"].items()
+        if row.get("ours_mib") is not None and row["ours_mib"] < mem["floor_mib"]
+    }
+    if not below:
+        return []
+    return [
+        f"- Memory: in this file the floor ({mem['floor_mib']:.0f} MiB) reads above "
+        + ", ".join(f"{n} ({v:.0f} MiB)" for n, v in below.items())
+        + ". The floor then trained the loaded model, whose weights are memory-mapped from the "
+        "safetensors file and were paged in during the measured steps, while every other "
+        "variant trained a deep copy whose weights were resident before the baseline; "
+        "`benchmarks.memory` now gives every variant a resident copy, so the next run compares "
+        "like with like."
+    ]
+
+
+def method_lines(res: dict[str, Any]) -> list[str]:
+    """The measuring rules, from the code's constants."""
+    from benchmarks.common import WARMUP_STEPS
+    from benchmarks.stats import CONFIDENCE
+
+    return [
+        "## Method",
+        "",
+        "All timed variants live in one process and run in interleaved rounds; each round runs "
+        "every variant once, in an order shuffled anew each round from a fixed seed (so no "
+        f"variant always follows the same one), after {WARMUP_STEPS} untimed warm-up steps of "
+        "each. A variant's ratio to the floor (or to PEFT) is taken within each round and "
+        f"reported as the mean over rounds with a {CONFIDENCE:.0%} Student-t interval; a target "
+        "is **met** only when the interval's upper end is below it, **no** when its lower end "
+        "is above it, and not shown otherwise. Memory: each variant in several fresh processes "
+        "(the peak-RSS increase over the training steps; median and range of the readings), "
+        "cross-checked by the bytes autograd saves for backward "
+        "(`torch.autograd.graph.saved_tensors_hooks`, distinct storages, frozen weights left "
+        "out). Every result file records the commit, the device and the library versions.",
+        "",
+        "Re-run: `make bench` (MiniLM, this page), `make bench-causal` (SmolLM2-135M causal-LM "
+        "benchmark, `benchmarks/results/causal_lm.json`), then `python -m benchmarks.render`; "
+        "`python -m benchmarks.speed --quick` is a smoke run that writes to "
+        "`benchmarks/results/quick/`.",
+        "",
+    ]
+
+
 def render_benchmarks() -> str | None:
     path = RESULTS / "speed.json"
     if not path.exists():
@@ -105,17 +157,15 @@ def render_benchmarks() -> str | None:
             "",
             "Speed and memory of this library against PEFT, on the real all-MiniLM-L6-v2 as a "
             "sequence classifier, on CPU. Every adapter goes on the same 36 layers (query, key, "
-            "value and the three dense layers of each encoder block). All variants live in ONE "
-            "process and are timed in interleaved rounds (the order rotates each round), so a busy "
-            "phase of the machine hits all of them; each ratio is the median over rounds of the "
-            "ratio measured within a round. The **floor** is the frozen model with the gradient "
-            "flowing back to the embedding output: the cheapest a training step with any adapter "
-            "could be.",
+            "value and the three dense layers of each encoder block). The **floor** is the frozen "
+            "model with the gradient flowing back to the embedding output: the cheapest a "
+            "training step with any adapter could be.",
             "",
-            "Re-run with `make bench` (the run below took "
-            f"{res['meta']['wall_seconds'] / 60:.0f} minutes on a 2-core CPU machine; "
-            "`python -m benchmarks.speed --quick` for a smoke run), then "
-            "`python -m benchmarks.render` to rebuild this page.",
+            *method_lines(res),
+            "## Results",
+            "",
+            f"The run below took {res['meta']['wall_seconds'] / 60:.0f} minutes on "
+            f"{res['meta']['machine']}.",
             "",
             "![training step over floor](assets/benchmark_speed.png)",
             "",
@@ -125,9 +175,10 @@ def render_benchmarks() -> str | None:
             "",
             "- Timings count the CPU time of the benchmark process (torch on one thread), which "
             "excludes the time spent waiting for a core but not the cache and memory-bandwidth "
-            "contention of other jobs on the machine; the (min-max) spread of the per-round ratios "
-            "shows how noisy a run was. Compare ratios, not seconds.",
+            "contention of other jobs on the machine; the width of each interval shows how noisy "
+            "a run was. Compare ratios, not seconds.",
             *_arithmetic_notes(res),
+            *_memory_notes(res),
             "- The PEFT column is measured in the same run, with the same configuration; the "
             "targets were set from an earlier PEFT measurement, quoted next to them.",
             "- SingLoRA has no PEFT implementation (PEFT "
