@@ -122,10 +122,13 @@ def set_checkpointing(model: nn.Module, on: bool) -> None:
     from transformers import PreTrainedModel
 
     hf = next(m for m in model.modules() if isinstance(m, PreTrainedModel))
+    # transformers 5 renames gradient_checkpointing_* to activation_checkpointing_*
+    enable = getattr(hf, "activation_checkpointing_enable", hf.gradient_checkpointing_enable)
+    disable = getattr(hf, "activation_checkpointing_disable", hf.gradient_checkpointing_disable)
     if on:
-        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
-        hf.gradient_checkpointing_disable()
+        disable()
     model.train()
 
 

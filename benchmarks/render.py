@@ -143,6 +143,21 @@ def method_lines(res: dict[str, Any]) -> list[str]:
     ]
 
 
+def causal_lines() -> list[str]:
+    """The causal-LM section, from ``results/causal_lm.json`` when it exists."""
+    from benchmarks.report_causal import causal_report
+
+    path = RESULTS / "causal_lm.json"
+    lines = ["## Causal LM: SmolLM2-135M", ""]
+    if not path.exists():
+        return lines + [
+            "Not run yet: `make bench-causal` (`python -m benchmarks.causal_lm`) measures it; "
+            "nothing is claimed until then.",
+            "",
+        ]
+    return lines + [causal_report(json.loads(path.read_text())), ""]
+
+
 def render_benchmarks() -> str | None:
     path = RESULTS / "speed.json"
     if not path.exists():
@@ -171,6 +186,7 @@ def render_benchmarks() -> str | None:
             "",
             markdown_report(res),
             "",
+            *causal_lines(),
             "## Reading the numbers",
             "",
             "- Timings count the CPU time of the benchmark process (torch on one thread), which "

@@ -29,7 +29,7 @@ def _met(d: dict[str, Any] | None, limit: float | None) -> str:
     if not d or limit is None:
         return "-"
     if "ratio_high" not in d:
-        return _check(d["ratio"], limit) + " (median; no interval)"
+        return "not judged (no interval in this file)"
     if d["ratio_high"] < limit:
         return "yes"
     if d["ratio_low"] > limit:

@@ -61,7 +61,7 @@ CLOCK = time.process_time
 
 #: targets from the issue and DESIGN.md; ratios are to the floor unless named otherwise
 TARGETS = {
-    "step_over_floor": {"LoRA": 1.12, "DoRA": 1.25, "VeRA": 1.20, "AdaLoRA": 1.25},
+    "step_over_floor": {"LoRA": 1.08, "DoRA": 1.12, "VeRA": 1.20, "AdaLoRA": 1.25},
     "peft_step_over_floor_reported": {"LoRA": 1.29, "DoRA": 2.01, "VeRA": 1.45, "AdaLoRA": 1.41},
     # DESIGN.md: ours against PEFT's same method, same process
     "ours_over_peft": {"LoRA": 0.95, "DoRA": 0.70},

@@ -1,0 +1,82 @@
+"""The causal-LM benchmark runs end to end on a tiny random Llama (the real run is not in CI)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("peft")
+
+from benchmarks import causal_lm  # noqa: E402
+
+
+def test_tiny_run_times_every_variant_in_both_modes(tmp_path):
+    res = causal_lm.main(
+        [
+            "--tiny",
+            "--reps",
+            "2",
+            "--steps",
+            "1",
+            "--methods",
+            "LoRA",
+            "DoRA",
+            "SingLoRA",
+            "--phases",
+            "time",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    stored = json.loads((tmp_path / "causal_lm.json").read_text())
+    assert stored["modes"].keys() == {"off", "on"}
+    for mode in ("off", "on"):
+        tr = stored["modes"][mode]["training"]
+        assert set(tr["seconds"]) == {
+            "floor",
+            "LoRA:ours",
+            "LoRA:peft",
+            "DoRA:ours",
+            "DoRA:peft",
+            "SingLoRA:ours",
+        }
+        assert all(len(t) == 2 for t in tr["rounds"].values())
+        lora = tr["ratios"]["LoRA:ours"]
+        assert lora["over_floor"]["low"] <= lora["over_floor"]["mean"] <= lora["over_floor"]["high"]
+        assert "over_peft" in lora and "over_peft" not in tr["ratios"]["SingLoRA:ours"]
+    meta = stored["meta"]
+    assert {"commit", "dirty", "device", "versions"} <= meta.keys()
+    assert meta["batch"] == 2 and meta["seq_len"] == 16
+    assert res["targets"]["step_over_floor"]["LoRA"] == 1.05
+
+
+def test_memory_reading_of_one_variant(tmp_path):
+    off = causal_lm.measure_variant(
+        "LoRA:ours", tiny=True, checkpointing=False, batch_size=2, seq=16, steps=1
+    )
+    on = causal_lm.measure_variant(
+        "LoRA:ours", tiny=True, checkpointing=True, batch_size=2, seq=16, steps=1
+    )
+    assert off["peak_mib"] >= 0 and off["saved_mib"] > 0
+    # checkpointing keeps the blocks' inputs, not their insides
+    assert on["saved_mib"] < off["saved_mib"]
+
+
+def test_every_method_of_the_issue_is_benchmarked():
+    names = [e.name for e in causal_lm.entries()]
+    assert names == ["LoRA", "LoRA-FA", "DoRA", "VeRA", "SingLoRA", "AdaLoRA"]
+    assert causal_lm.variants(causal_lm.entries()[:2], quant=True) == [
+        "floor",
+        "LoRA:ours",
+        "LoRA:peft",
+        "LoRA:ours-nf4",
+        "LoRA-FA:ours",
+    ]
+
+
+def test_quant_rows_are_refused_without_the_quantized_base(monkeypatch, tmp_path):
+    monkeypatch.setattr(causal_lm, "quant_available", lambda: False)
+    with pytest.raises(SystemExit, match="lightning_lowrank.quant"):
+        causal_lm.main(["--tiny", "--quant", "--out", str(tmp_path)])
+    assert not (tmp_path / "causal_lm.json").exists()

@@ -1,0 +1,91 @@
+"""The speed benchmark's method: shuffled rounds, intervals on ratios, memory from tensors."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from benchmarks.common import Runner, round_order, time_interleaved
+from benchmarks.memory import memory_block
+from benchmarks.report import _met, memory_table
+from benchmarks.speed import met, ratio_summary
+from benchmarks.tensor_bytes import saved_tensor_bytes, static_bytes
+
+
+def test_round_order_is_a_seeded_shuffle():
+    names = [f"v{i}" for i in range(6)]
+    orders = [round_order(names, rep) for rep in range(8)]
+    assert all(sorted(o) == names for o in orders)
+    assert orders == [round_order(names, rep) for rep in range(8)]  # repeatable
+    assert len({tuple(o) for o in orders}) > 4
+    # unlike a rotation, who runs right after v0 changes between rounds
+    followers = {o[(o.index("v0") + 1) % 6] for o in orders}
+    assert len(followers) > 2
+
+
+def test_time_interleaved_warms_up_and_runs_every_variant_each_round():
+    calls: list[str] = []
+    runners = [Runner(n, nn.Identity(), (lambda n=n: calls.append(n))) for n in "abcd"]
+    times = time_interleaved(runners, reps=5, steps=2, warmup=3, log=lambda _: None)
+    assert calls[:12] == [n for n in "abcd" for _ in range(3)]
+    rounds = [calls[12 + 8 * r : 12 + 8 * (r + 1)] for r in range(5)]
+    assert all(sorted(set(r)) == list("abcd") for r in rounds)
+    assert len({tuple(dict.fromkeys(r)) for r in rounds}) > 1  # the order changed
+    assert all(len(t) == 5 for t in times.values())
+
+
+def test_met_only_when_the_whole_interval_is_under_the_target():
+    noisy = ratio_summary([1.05, 1.13, 1.08, 1.12, 1.10, 1.15, 1.07])
+    assert noisy["ratio_low"] < 1.12 < noisy["ratio_high"]
+    assert met(noisy, 1.12) is False
+    assert _met(noisy, 1.12).startswith("not shown")
+    tight = ratio_summary([1.01, 1.02, 1.015, 1.012, 1.018])
+    assert met(tight, 1.05) is True and _met(tight, 1.05) == "yes"
+    assert _met(tight, 1.0) == "**no**"
+    assert _met({"ratio": 1.0, "ratio_min": 0.9, "ratio_max": 1.1}, 1.2).startswith("not judged")
+
+
+def test_saved_tensor_bytes_counts_each_storage_once():
+    x = torch.randn(100, dtype=torch.float64, requires_grad=True)
+    # sin saves its input: x itself and a view of x share one storage of 800 bytes
+    assert saved_tensor_bytes(lambda: x.sin().sum() + x[:10].sin().sum()) == 800
+    # exp saves its result: a new 100-float tensor
+    assert saved_tensor_bytes(lambda: x.exp().sum()) == 800
+    w = torch.randn(100, dtype=torch.float64)
+    assert saved_tensor_bytes(lambda: (x * w).sum(), exclude=[w]) == 0  # mul saves w only
+    assert saved_tensor_bytes(lambda: (x * w).sum()) == 800
+
+
+def test_static_bytes_of_a_linear_layer_and_adamw():
+    layer = nn.Linear(4, 3)  # 15 float32 numbers
+    opt = torch.optim.AdamW(layer.parameters())
+    assert static_bytes(layer, opt) == {"weights": 60, "gradients": 0, "optimizer_state": 0}
+    layer(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    # exp_avg and exp_avg_sq per parameter; the one-number step counters are not state bytes
+    assert static_bytes(layer, opt) == {"weights": 60, "gradients": 60, "optimizer_state": 120}
+
+
+def test_memory_block_keeps_every_reading():
+    def reading(v: str, mib: float) -> dict:
+        return {
+            "variant": v,
+            "peak_mib": mib,
+            "saved_mib": 10.0,
+            "grads_mib": 1.0,
+            "adamw_state_mib": 2.0,
+        }
+
+    raw = {
+        "floor": [reading("floor", 300.0), reading("floor", 310.0), reading("floor", 305.0)],
+        "LoRA:ours": [reading("LoRA:ours", 320.0), reading("LoRA:ours", 330.0)],
+        "LoRA:peft": [reading("LoRA:peft", 400.0)],
+    }
+    block = memory_block(raw)
+    assert block["floor_mib"] == 305.0
+    row = block["methods"]["LoRA"]
+    assert row["ours_mib"] == 325.0 and row["ours"]["rss"]["all"] == [320.0, 330.0]
+    assert row["peft_mib"] == 400.0
+    table = memory_table({"memory": block})
+    assert "325 (320-330, 2 readings)" in table and "400 (1 reading)" in table
+    assert "| 0.81 |" in table  # 325 / 400
