@@ -122,13 +122,16 @@ def set_checkpointing(model: nn.Module, on: bool) -> None:
     from transformers import PreTrainedModel
 
     hf = next(m for m in model.modules() if isinstance(m, PreTrainedModel))
-    # transformers 5 renames gradient_checkpointing_* to activation_checkpointing_*
-    enable = getattr(hf, "activation_checkpointing_enable", hf.gradient_checkpointing_enable)
-    disable = getattr(hf, "activation_checkpointing_disable", hf.gradient_checkpointing_disable)
-    if on:
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}  # re-entrant checkpointing needs an input that needs grad
+    if hasattr(hf, "activation_checkpointing_enable"):  # transformers 5's name
+        if on:
+            hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            hf.activation_checkpointing_disable()
+    elif on:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     else:
-        disable()
+        hf.gradient_checkpointing_disable()
     model.train()
 
 

@@ -65,14 +65,17 @@ def intruder_section(study: dict[str, Any]) -> list[str]:
         f"{study['batch_size']}, {study['max_length']} tokens, AdamW, 10 warm-up steps). "
         f"Intruders are counted over the {runs[0]['layers']} adapted layers: top k = "
         f"{study['k']} singular vectors of the fine-tuned weight, similarity threshold epsilon. "
-        "||dW|| / ||W0|| is sqrt(sum over layers of ||W - W0||^2) / sqrt(sum of ||W0||^2): how "
-        "far training moved the weights. Values: mean +/- the 95 % t half-width over seeds.",
+        "norm(dW) / norm(W0) is sqrt(sum over layers of norm(W - W0)^2) / "
+        "sqrt(sum of norm(W0)^2), Frobenius norms: how "
+        "far training moved the weights. Values: mean +/- the 95 % t half-width over seeds. "
+        "The paper's observation that intruders grow with training is not tested here: a "
+        "count from zero during one run cannot tell it from the update itself growing.",
     )
     lines += [
         "![intruder dimensions](assets/study_intruders.png)",
         "",
         "| config | lr | val loss | val accuracy | intruders, epsilon 0.5 (all layers) "
-        "| intruders, epsilon 0.7 | mean effective rank of the update | ||dW|| / ||W0|| |",
+        "| intruders, epsilon 0.7 | mean effective rank of the update | norm(dW) / norm(W0) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for c, lr in variants(runs):
