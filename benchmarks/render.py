@@ -34,15 +34,38 @@ def _plot_speed(res: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     methods = list(res["training"]["methods"])
-    ours = [res["training"]["methods"][m]["ours"]["ratio"] for m in methods]
-    peft = [
-        res["training"]["methods"][m].get("peft", {}).get("ratio", float("nan")) for m in methods
-    ]
+    rows = res["training"]["methods"]
+
+    def value(d: dict[str, Any] | None) -> tuple[float, tuple[float, float]]:
+        """The bar (interval mean, or the median in older files) and its error bar."""
+        if not d:
+            return float("nan"), (0.0, 0.0)
+        if "ratio_high" in d:
+            m = d["ratio_mean"]
+            return m, (m - d["ratio_low"], d["ratio_high"] - m)
+        return d["ratio"], (0.0, 0.0)
+
+    ours, ours_err = zip(*(value(rows[m]["ours"]) for m in methods), strict=True)
+    peft, peft_err = zip(*(value(rows[m].get("peft")) for m in methods), strict=True)
     targets = res["targets"]["step_over_floor"]
     x = range(len(methods))
     fig, ax = plt.subplots(figsize=(7, 3.6))
-    ax.bar([i - 0.2 for i in x], ours, width=0.4, label="lightning_lowrank")
-    ax.bar([i + 0.2 for i in x], peft, width=0.4, label="PEFT")
+    ax.bar(
+        [i - 0.2 for i in x],
+        ours,
+        width=0.4,
+        label="lightning_lowrank",
+        yerr=list(zip(*ours_err, strict=True)),
+        capsize=3,
+    )
+    ax.bar(
+        [i + 0.2 for i in x],
+        peft,
+        width=0.4,
+        label="PEFT",
+        yerr=list(zip(*peft_err, strict=True)),
+        capsize=3,
+    )
     for i, m in enumerate(methods):
         if m in targets:
             ax.hlines(targets[m], i - 0.4, i + 0.4, colors="k", linestyles="--", linewidth=1)

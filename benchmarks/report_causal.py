@@ -1,4 +1,4 @@
-"""Markdown tables from ``benchmarks/results/causal_lm.json`` (``causal_lm.py`` and ``render.py``)."""
+"""Markdown tables from ``benchmarks/results/causal_lm.json`` (for ``causal_lm`` and ``render``)."""
 
 from __future__ import annotations
 

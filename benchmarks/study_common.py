@@ -6,7 +6,11 @@ runs one of them with ``run(task)``, which returns a JSON-able record. :func:`ma
 missing tasks of one or more studies, each in a fresh process (so peak-memory readings and random
 state never leak from one run to the next), several at a time, and merges every record into the
 study's result file as soon as it arrives: a study cut short is still usable and is resumed by
-running the same command again.
+running the same command again. Every record stores what it was measured with
+(:func:`benchmarks.provenance.provenance`: commit, uncommitted-changes flag, device, library
+versions); records from before those fields are left out of a file the driver rewrites, so old
+and new runs never mix in one comparison. The default seeds are ``DEFAULT_SEEDS`` (as many as the
+verdict rule's ``MIN_SEEDS``).
 
     python -m benchmarks.study --jobs 4                  # every study, every seed
     python -m benchmarks.study --studies singlora --seeds 0
