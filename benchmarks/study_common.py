@@ -267,6 +267,18 @@ def update_norm_ratio(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> fl
     return (num / den) ** 0.5
 
 
+def stored_runs(doc: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:
+    """The runs of a result file that new runs may join, and how many were left out.
+
+    Each run gets the file's device when it lacks its own (a study may be completed on another
+    machine). Runs without a commit predate the verdict method: they never mix with new runs in
+    one comparison, so they are left out of the file the driver rewrites.
+    """
+    runs = [{"device": doc.get("device"), **r} for r in doc.get("runs", [])]
+    kept = [r for r in runs if r.get("commit")]
+    return kept, len(runs) - len(kept)
+
+
 def _load(name: str) -> Study:
     return importlib.import_module(f"benchmarks.study_{name}").STUDY
 
@@ -320,16 +332,13 @@ def main(argv: list[str] | None = None, studies: Iterable[str] = STUDIES) -> Non
     per_study: dict[str, list[dict[str, Any]]] = {}
     for name, study in loaded.items():
         doc = json.loads(study.path.read_text()) if study.path.exists() else {"runs": []}
-        # each run records what it ran on (a study may be completed on another machine)
-        old = [{"device": doc.get("device"), **r} for r in doc["runs"]]
-        legacy = [r for r in old if not r.get("commit")]
-        if legacy:  # runs from before commits were recorded never mix with new ones
+        old, legacy = stored_runs(doc)
+        if legacy:
             print(
-                f"{name}: {len(legacy)} stored runs record no commit (they predate the verdict "
+                f"{name}: {legacy} stored runs record no commit (they predate the verdict "
                 "method); the new result file leaves them out (git history keeps them)",
                 flush=True,
             )
-            old = [r for r in old if r.get("commit")]
         records[name] = old
         done = {tuple(r.get(k) for k in study.key) for r in old}
         per_study[name] = [

@@ -100,3 +100,22 @@ def test_sltrain_memory_task_counts_from_tensors(quick_sltrain):
     )
     assert sl["static_mib"] < full["static_mib"]
     assert sl["saved_for_backward_mib"] > 0 and sl["peak_source"] == "CPU peak RSS increase"
+
+
+def test_runs_without_a_commit_do_not_join_new_ones():
+    from benchmarks.study_common import stored_runs
+
+    doc = {
+        "device": "GPU",
+        "runs": [
+            {"config": "a", "seed": 0},
+            {"config": "a", "seed": 1, "commit": "f" * 40, "device": "CPU"},
+            {"config": "b", "seed": 0, "commit": "f" * 40},
+        ],
+    }
+    kept, left_out = stored_runs(doc)
+    assert left_out == 1
+    assert [(r["config"], r["seed"], r["device"]) for r in kept] == [
+        ("a", 1, "CPU"),
+        ("b", 0, "GPU"),
+    ]
