@@ -45,6 +45,10 @@ def _plot_speed(res: dict[str, Any], path: Path) -> None:
             return m, (m - d["ratio_low"], d["ratio_high"] - m)
         return d["ratio"], (0.0, 0.0)
 
+    def bars(err: tuple) -> list | None:
+        """Error bars only where the file has intervals (older files have none to show)."""
+        return list(zip(*err, strict=True)) if any(any(e) for e in err) else None
+
     ours, ours_err = zip(*(value(rows[m]["ours"]) for m in methods), strict=True)
     peft, peft_err = zip(*(value(rows[m].get("peft")) for m in methods), strict=True)
     targets = res["targets"]["step_over_floor"]
@@ -55,7 +59,7 @@ def _plot_speed(res: dict[str, Any], path: Path) -> None:
         ours,
         width=0.4,
         label="lightning_lowrank",
-        yerr=list(zip(*ours_err, strict=True)),
+        yerr=bars(ours_err),
         capsize=3,
     )
     ax.bar(
@@ -63,7 +67,7 @@ def _plot_speed(res: dict[str, Any], path: Path) -> None:
         peft,
         width=0.4,
         label="PEFT",
-        yerr=list(zip(*peft_err, strict=True)),
+        yerr=bars(peft_err),
         capsize=3,
     )
     for i, m in enumerate(methods):
