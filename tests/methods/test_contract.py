@@ -5,8 +5,10 @@ injected into a small float64 model with layers of the three orientations (out >
 square) and must satisfy the protocol that the rest of the library relies on:
 
 - the paper's identity at initialisation, where it holds (``config.identity_at_init``);
-- exactly the parameters named by ``param_sides()`` train;
+- exactly the parameters named by ``param_sides()`` train, and they are the adapter parameters
+  the layer itself creates trainable (so a ``param_sides()`` that forgets one is caught);
 - ``merged_delta()`` (``delta_weight()`` plus any extension) is what the forward adds;
+- ``low_rank_factors()``, where given, is the same update: ``c * B @ A == delta_weight()``;
 - merge then unmerge is a float64 round trip;
 - an adapter file loads onto a fresh model exactly;
 - PEFT export is exact (checked by importing it back) or a refusal that gives its reason;
@@ -135,6 +137,33 @@ def test_exactly_param_sides_train(config):
     model(inputs()).square().sum().backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if n in expected)
     assert all(p.grad is None for n, p in model.named_parameters() if n not in expected)
+
+
+@pytest.mark.parametrize("config", EXAMPLES)
+def test_param_sides_name_the_parameters_the_layer_creates_trainable(config):
+    """``inject`` trusts ``param_sides()``; a layer's own flags at construction are the method's
+    intent (LoRA-FA's frozen A), so a side that is forgotten or added shows up here."""
+    model = fresh()
+    bases = {name: getattr(model, name).requires_grad_(False) for name in TARGETS}
+    for name, layer in copy.deepcopy(config).build(bases).items():
+        created = {
+            n for n, p in layer.named_parameters() if p.requires_grad and not n.startswith("base.")
+        }
+        sides = {n for n in layer.param_sides() if not n.startswith("base.")}
+        assert sides == created, name
+
+
+@pytest.mark.parametrize("config", EXAMPLES)
+def test_low_rank_factors_are_the_delta(config):
+    """Delta-LoRA and analysis use ``(B, A, c)`` in place of ``delta_weight()``."""
+    for name, layer in adapter_layers(perturbed(config)).items():
+        factors = layer.low_rank_factors()
+        if factors is None:
+            continue
+        b, a, c = factors
+        assert b.shape == (layer.out_features, a.shape[0]), name
+        assert a.shape == (b.shape[1], layer.in_features), name
+        torch.testing.assert_close(c * b @ a, layer.delta_weight(), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("config", EXAMPLES)
