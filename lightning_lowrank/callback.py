@@ -15,21 +15,28 @@ The callback is a thin Lightning layer over ``inject``, ``optim`` and ``schedule
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any, cast
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_lowrank.inject import adapter_layers, inject, trainable_parameter_count
-from lightning_lowrank.methods.base import AdapterConfig, AdapterLayer
+from lightning_lowrank.guards import check_ownership, check_single_callback, check_strategy
+from lightning_lowrank.inject import (
+    adapter_layers,
+    check_target_spec,
+    inject,
+    trainable_parameter_count,
+)
+from lightning_lowrank.methods.base import AdapterConfig, AdapterLayer, check_int, check_number
 from lightning_lowrank.optim import split_optimizer
+from lightning_lowrank.resume import base_fingerprint, check_resume
 from lightning_lowrank.schedules import RankAllocator, Schedule, default_schedules
 
 
@@ -74,8 +81,18 @@ class LowRankCallback(Callback):
             raise TypeError(
                 f"method must be a method config such as LoRA(rank=8), got {type(method).__name__}"
             )
-        if lr_ratio is not None and lr_ratio <= 0:
-            raise ValueError(f"lr_ratio must be positive, got {lr_ratio}")
+        if lr_ratio is not None:
+            lr_ratio = check_number("lr_ratio", lr_ratio)
+            if lr_ratio <= 0:
+                raise ValueError(f"lr_ratio must be positive (LoRA+ uses 16), got {lr_ratio}")
+        embedding_lr = check_number("embedding_lr", embedding_lr, minimum=0.0)
+        check_target_spec("target_modules", target_modules)
+        check_target_spec("exclude_modules", exclude_modules, optional=True)
+        check_target_spec("train_modules", train_modules, optional=True)
+        if isinstance(train_modules, str):
+            raise ValueError(f"train_modules must be a list of module names, got {train_modules!r}")
+        if total_steps is not None:
+            total_steps = check_int("total_steps", total_steps, minimum=1)
         given = list(schedules)
         everything = given + default_schedules(method, given)
         _check_schedules(method, everything)
@@ -91,17 +108,23 @@ class LowRankCallback(Callback):
         self.layers: dict[str, AdapterLayer] = {}
         self._module: pl.LightningModule | None = None
         self._last_step = 0
+        self._total: int | None = None
+        self._offset = 0  # optimizer steps of earlier fits in other Trainers (docs: reuse)
+        self._fingerprint: list[list[float]] = []
 
     # --- setup ------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
-            raise ValueError(
-                f"LowRankCallback supports single-device and DDP strategies, not "
-                f"{type(trainer.strategy).__name__}: use strategy='ddp' (or 'auto' on one device)"
-            )
+        check_strategy(trainer.strategy)
+        check_single_callback(trainer, self)
+        check_ownership(self, pl_module)
         if self._module is pl_module and self.layers:
-            return  # a later trainer.fit/validate/test on the same module: already injected
+            # a later trainer.fit/validate/test on the same module continues its run; a fit
+            # tells the schedules its length (validate/test may have run first: docs, reuse)
+            if stage == "fit":
+                total = self.total_steps
+                self._total = total if total is not None else _estimated_steps(trainer)
+            return
         if adapter_layers(pl_module):
             raise ValueError(
                 "the model already has adapters (inject was called on it, or another "
@@ -120,11 +143,17 @@ class LowRankCallback(Callback):
         )
         self._module = pl_module
         self.layers = {n: cast(AdapterLayer, pl_module.get_submodule(n)) for n in names}
+        self._fingerprint = base_fingerprint(self.layers)
+        # Lightning loads a resumed checkpoint's tensors before on_load_checkpoint: a rank that
+        # differs gets this library's message there, not torch's size mismatch
+        pl_module.register_load_state_dict_pre_hook(self._check_loaded_shapes)
         if self.save_adapter_only:
             pl_module.strict_loading = False
         total = self.total_steps if self.total_steps is not None else _estimated_steps(trainer)
+        self._total = total
         for schedule in self.schedules:
             schedule.setup(pl_module, self.layers, total)
+            schedule._lowrank_owner = self  # type: ignore[attr-defined]  # one run's state
         self._log_messages()
         rank_zero_info(
             f"LowRankCallback: {type(self.method).__name__} on {len(names)} layers, "
@@ -150,15 +179,19 @@ class LowRankCallback(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # after checkpoint restore: a resumed run continues from the restored step
-        self._last_step = trainer.global_step
-        for layer in self.layers.values():
-            layer.set_step(trainer.global_step)
+        # after checkpoint restore: a resumed run continues from the restored step; a later fit
+        # in a new Trainer (whose global_step starts at 0) continues this run's step count
+        self._offset = max(0, self._last_step - trainer.global_step)
+        step = self._last_step = trainer.global_step + self._offset
         steps_per_epoch = _steps_per_epoch(trainer)
         for schedule in self.schedules:
-            schedule.train_start(
-                pl_module, self.layers, trainer.global_step, steps_per_epoch, trainer.optimizers
-            )
+            # the train dataloader is loaded now: fail before the first step when a schedule
+            # needs a run length this run does not know
+            schedule.check_run_length(self._total, steps_per_epoch)
+        for layer in self.layers.values():
+            layer.set_step(step)
+        for schedule in self.schedules:
+            schedule.train_start(pl_module, self.layers, step, steps_per_epoch, trainer.optimizers)
 
     # --- per optimizer step -----------------------------------------------------------------
     @override
@@ -166,7 +199,9 @@ class LowRankCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
         for schedule in self.schedules:
-            schedule.before_optimizer_step(pl_module, self.layers, trainer.global_step)
+            schedule.before_optimizer_step(
+                pl_module, self.layers, trainer.global_step + self._offset
+            )
 
     @override
     def on_train_batch_end(
@@ -177,7 +212,7 @@ class LowRankCallback(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        step = trainer.global_step
+        step = trainer.global_step + self._offset
         if step == self._last_step:
             return  # a micro-batch under gradient accumulation: no optimizer step happened
         self._last_step = step
@@ -219,10 +254,20 @@ class LowRankCallback(Callback):
         for key in [k for k in state if k in drop]:
             del state[key]
 
+    def _check_loaded_shapes(
+        self, module: Any, state_dict: dict[str, Any], prefix: str, *_: Any
+    ) -> None:
+        if not prefix:  # the whole module's load (resume, or a user's load_state_dict)
+            check_resume(None, self.method, self.layers, self._fingerprint, state_dict)
+
     @override
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
+        # before Lightning loads anything into the model: a mismatch changes nothing
+        state = checkpoint.get("callbacks", {})
+        mine = state.get(self.state_key, state.get(self._legacy_state_key))
+        check_resume(mine, self.method, self.layers, self._fingerprint, checkpoint["state_dict"])
         if not self.save_adapter_only:
             return
         stored = set(checkpoint["state_dict"])
@@ -236,9 +281,17 @@ class LowRankCallback(Callback):
                 "with another method or other target_modules?"
             )
 
-    @override
+    # Lightning refuses two stateful callbacks with one state key when the Trainer is built,
+    # with a generic message; marking state_dict as Callback's own (functools.wraps) leaves that
+    # check to setup, which says what to do instead. Lightning still saves and loads the state
+    # under "LowRankCallback" (it calls state_dict/load_state_dict of every callback).
+    @functools.wraps(Callback.state_dict)
     def state_dict(self) -> dict[str, Any]:
         return {
+            # what a resume checks (on_load_checkpoint) and load_adapter_checkpoint rebuilds from
+            "method": self.method.to_dict(),
+            "layers": list(self.layers),
+            "base_fingerprint": self._fingerprint,
             "last_step": self._last_step,
             "schedules": {s.state_key: s.state_dict() for s in self.schedules},
         }
@@ -310,4 +363,5 @@ def _estimated_steps(trainer: pl.Trainer) -> int | None:
         steps = trainer.estimated_stepping_batches
     except Exception:  # no train dataloader yet (validate/test only)
         return None
-    return None if steps == float("inf") else int(steps)
+    # an IterableDataset without max_steps: Lightning answers inf, or max_steps itself (-1)
+    return None if steps == float("inf") or steps < 1 else int(steps)

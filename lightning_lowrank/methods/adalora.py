@@ -32,6 +32,9 @@ from lightning_lowrank.methods.base import (
     AdapterLayer,
     PeftLayer,
     Side,
+    check_fraction,
+    check_int,
+    check_number,
     embed_or_linear,
     layer_shape,
     peft_pair,
@@ -83,8 +86,17 @@ class AdaLoRA(AdapterConfig):
         return [cls(init_rank=4, target_rank=2, t_init=2, t_final=2, delta_t=1, total_steps=20)]
 
     def __post_init__(self) -> None:
-        if self.init_rank < 1:
-            raise ValueError(f"init_rank must be >= 1, got {self.init_rank}")
+        for name in ("init_rank", "delta_t"):
+            setattr(self, name, check_int(name, getattr(self, name), minimum=1))
+        for name in ("target_rank", "t_init", "t_final"):
+            setattr(self, name, check_int(name, getattr(self, name), minimum=0))
+        if self.total_steps is not None:
+            self.total_steps = check_int("total_steps", self.total_steps, minimum=1)
+        self.alpha = check_number("alpha", self.alpha, nonzero=True)
+        self.orth_reg = check_number("orth_reg", self.orth_reg, minimum=0.0)
+        self.dropout = check_fraction("dropout", self.dropout)
+        for name in ("beta1", "beta2"):
+            setattr(self, name, check_fraction(name, getattr(self, name)))
         if not 0 <= self.target_rank <= self.init_rank:
             raise ValueError(
                 f"target_rank ({self.target_rank}) must be between 0 and init_rank "
@@ -186,10 +198,13 @@ class AdaLoRALayer(AdapterLayer):
     def truncated_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """The adapter restricted to its kept slots, and the metadata that rebuilds it.
 
-        Masked slots have ``lambda = 0`` (the allocator enforces it after every optimizer step
-        of the final phase), so dropping them leaves the output unchanged.
+        Slots that are masked AND have ``lambda = 0`` are dropped, so the output is unchanged
+        at any point of the schedule (mid-schedule the optimizer may have moved a masked slot's
+        lambda off zero; such a slot is kept).
         """
-        keep = self.rank_mask != 0
+        # a masked slot whose lambda the optimizer moved off zero (mid-schedule, before the
+        # allocator re-masks) still contributes: keep it, as the PEFT export does
+        keep = (self.rank_mask != 0) | (self.lora_E != 0)
         k = int(keep.sum())
         state = self.adapter_state_dict()  # anything else the layer carries is kept as it is
         state["lora_A"] = self.lora_A[keep]

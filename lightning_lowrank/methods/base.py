@@ -39,13 +39,23 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar, Literal, TypeVar, cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_lowrank.methods.checks import (  # noqa: F401 - re-exported for the methods
+    check_bool,
+    check_fraction,
+    check_int,
+    check_number,
+)
 from lightning_lowrank.methods.fused import fusable, low_rank_linear
-
-# layer_kind, layer_shape and weight_oi are re-exported: they were defined here first
-from lightning_lowrank.methods.layers import layer_kind, layer_shape, weight_oi
+from lightning_lowrank.methods.layers import (  # noqa: F401 - re-exported: defined here first
+    embed_or_linear,
+    kaiming_uniform_,
+    layer_kind,
+    layer_shape,
+    own_weight,
+    weight_oi,
+)
 from lightning_lowrank.methods.registry import register_config
 from lightning_lowrank.methods.state import AdapterTie, LayerState
 
@@ -152,6 +162,7 @@ class AdapterLayer(LayerState, nn.Module):
         #: zero (``methods/state.py``); LoRA-drop's ``mode="drop"`` sets it, adapter files omit it
         self.disabled = False
         self._tie: AdapterTie | None = None
+        self.tied_with: list[str] = []  # others holding the base weight (ties), set by attach
 
     # --- protocol ---------------------------------------------------------------------------
     def adapter_forward(self, x: Tensor) -> Tensor:
@@ -196,6 +207,10 @@ class AdapterLayer(LayerState, nn.Module):
     def layer_metadata(self) -> dict[str, Any]:
         """Keyword arguments (JSON-serialisable) needed to rebuild this layer's shapes."""
         return {}
+
+    def on_attach(self) -> None:  # noqa: B027 - optional hook
+        """Called once the layer is in the model. Building a layer never changes its base (so a
+        refused load leaves the model as it was); a method that must change it does so here."""
 
     def truncated_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """The smallest adapter state that gives the same output, with the layer metadata that
@@ -261,15 +276,38 @@ class AdapterLayer(LayerState, nn.Module):
         return delta
 
     @torch.no_grad()
+    def merged_weight(self) -> Tensor:
+        """The ``(out, in)`` weight :meth:`merge` would write; a ``ValueError`` if any value is
+        non-finite in the base's own dtype (float16 overflows where the delta does not)."""
+        w = weight_oi(self.base)
+        merged = w + self.merged_delta().to(w.dtype)
+        if not torch.isfinite(merged).all():
+            raise ValueError(
+                f"refusing to merge: base weight plus adapter delta has non-finite values in "
+                f"{w.dtype} (the adapter diverged, or its delta overflows {w.dtype}): nothing was "
+                "merged; keep the adapter unmerged or merge into a float32 copy of the model"
+            )
+        return merged
+
+    def check_merge(self) -> None:
+        """Raise what :meth:`merge` would raise, changing nothing (``merge(model)`` checks all)."""
+        if not self.merged:
+            self.merged_weight()
+
+    def own_base_weight(self) -> None:
+        """Untie the base weight from ``tied_with`` (GPT-2's ``lm_head``), which keep the original."""
+        if self.tied_with:
+            own_weight(self.base, self.tied_with)
+            self.tied_with = []
+
+    @torch.no_grad()
     def merge(self) -> None:
         """Fold the delta into the base weight; the forward then costs what the base costs."""
         if self.merged:
             return
-        delta = self.merged_delta()
-        if not torch.isfinite(delta).all():
-            raise ValueError("refusing to merge: the adapter's delta has non-finite values")
-        w = weight_oi(self.base)
-        w.add_(delta.to(w.dtype))
+        merged = self.merged_weight()
+        self.own_base_weight()
+        weight_oi(self.base).copy_(merged)
         self.merged = True
 
     @torch.no_grad()
@@ -361,19 +399,3 @@ class LayerExtension(nn.Module):
     def from_metadata(cls, layer: AdapterLayer, meta: dict[str, Any]) -> LayerExtension:
         """Rebuild the extension for ``layer`` (buffers are then filled from the file)."""
         raise NotImplementedError
-
-
-def embed_or_linear(layer: AdapterLayer, x: Tensor, a: Tensor) -> Tensor:
-    """Apply a first factor ``a`` of shape ``(r, in)`` to the input: a matmul for linear layers,
-    a row lookup for embeddings (whose input is a one-hot index)."""
-    if layer.kind == "embedding":
-        base = cast(nn.Embedding, layer.base)
-        # padding rows get no gradient, as in the base table; max_norm would renormalise the
-        # adapter factor in place, so it is not forwarded
-        return F.embedding(x, a.t(), padding_idx=base.padding_idx)
-    return F.linear(x, a)
-
-
-def kaiming_uniform_(t: Tensor) -> Tensor:
-    """Kaiming-uniform with ``a = sqrt(5)``, as ``nn.Linear`` and LoRA initialise A."""
-    return nn.init.kaiming_uniform_(t, a=math.sqrt(5))

@@ -29,7 +29,17 @@ from typing import Any, Literal, cast
 import torch
 from torch import Tensor, nn
 
-from lightning_lowrank.methods.base import AdapterConfig, AdapterLayer, PeftLayer, Scaling, Side
+from lightning_lowrank.methods.base import (
+    AdapterConfig,
+    AdapterLayer,
+    PeftLayer,
+    Scaling,
+    Side,
+    check_bool,
+    check_fraction,
+    check_int,
+    check_number,
+)
 from lightning_lowrank.methods.layers import weight_oi
 from lightning_lowrank.methods.lora import LoRALayer
 from lightning_lowrank.methods.singlora import SingLoRALayer
@@ -65,6 +75,11 @@ class DoRA(AdapterConfig):
         return [cls(rank=2, alpha=4.0), cls(rank=2, alpha=4.0, delta="singlora", ramp_steps=10)]
 
     def __post_init__(self) -> None:
+        self.rank = check_int("rank", self.rank, minimum=1)
+        self.alpha = check_number("alpha", self.alpha, nonzero=True)
+        self.ramp_steps = check_int("ramp_steps", self.ramp_steps, minimum=0)
+        self.dropout = check_fraction("dropout", self.dropout)
+        check_bool("train_a", self.train_a)
         if self.delta not in _DELTA_LAYERS:
             raise ValueError(f"delta must be one of {sorted(_DELTA_LAYERS)}, got {self.delta!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -202,17 +217,30 @@ class DoRAMagnitude:
         return (self._dense_factor(v).to(w.dtype)[:, None] * v - w0).to(low.dtype)
 
     @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged:
-            return
+    def _merge_plan(self) -> tuple[Tensor, Tensor]:
         w = weight_oi(self.base)
         v = w + super().delta_weight().to(w.dtype)  # type: ignore[misc]  # mixin, as above
         factor = self._dense_factor(v)
         merged = factor.to(w.dtype)[:, None] * v
         if not torch.isfinite(merged).all():
-            raise ValueError("refusing to merge: the DoRA weight has non-finite values")
-        w.copy_(merged)
-        self.merge_factor = factor.to(w.dtype)
+            raise ValueError(
+                f"refusing to merge: the DoRA weight has non-finite values in {w.dtype}: nothing "
+                "was merged"
+            )
+        return merged, factor.to(w.dtype)
+
+    def check_merge(self) -> None:
+        if not self.merged:
+            self._merge_plan()
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        merged, factor = self._merge_plan()
+        self.own_base_weight()  # type: ignore[attr-defined]
+        weight_oi(self.base).copy_(merged)
+        self.merge_factor = factor
         self.merged = True
 
     @torch.no_grad()

@@ -11,8 +11,11 @@ transformers' GPT-2 ``Conv1D`` stores ``(in, out)``; an embedding table stores
 
 from __future__ import annotations
 
-from typing import cast
+import math
+import warnings
+from typing import Any, cast
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -65,4 +68,40 @@ def weight_oi(module: nn.Module) -> Tensor:
     raise TypeError(f"unsupported layer type {type(module).__name__}")
 
 
-__all__ = ["conv1d_type", "layer_kind", "layer_shape", "weight_oi"]
+def embed_or_linear(layer: Any, x: Tensor, a: Tensor) -> Tensor:
+    """Apply a first factor ``a`` of shape ``(r, in)`` to the input: a matmul for linear layers,
+    a row lookup for embeddings (whose input is a one-hot index)."""
+    if layer.kind == "embedding":
+        base = cast(nn.Embedding, layer.base)
+        # padding rows get no gradient, as in the base table; max_norm would renormalise the
+        # adapter factor in place, so it is not forwarded
+        return F.embedding(x, a.t(), padding_idx=base.padding_idx)
+    return F.linear(x, a)
+
+
+def kaiming_uniform_(t: Tensor) -> Tensor:
+    """Kaiming-uniform with ``a = sqrt(5)``, as ``nn.Linear`` and LoRA initialise A."""
+    return nn.init.kaiming_uniform_(t, a=math.sqrt(5))
+
+
+def own_weight(module: nn.Module, tied_with: list[str]) -> None:
+    """Replace ``module.weight`` by a frozen copy, untying it from ``tied_with`` (which keep the
+    original tensor), and warn: the tie is broken from now on."""
+    w = module.weight
+    module.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
+    warnings.warn(
+        f"an adapted layer's base weight was tied to {tied_with[:3]}: it now has its own copy, "
+        "so those keep the original weight (the tie is broken)",
+        stacklevel=4,
+    )
+
+
+__all__ = [
+    "conv1d_type",
+    "embed_or_linear",
+    "kaiming_uniform_",
+    "layer_kind",
+    "layer_shape",
+    "own_weight",
+    "weight_oi",
+]

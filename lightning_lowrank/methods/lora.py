@@ -26,6 +26,10 @@ from lightning_lowrank.methods.base import (
     PeftLayer,
     Scaling,
     Side,
+    check_bool,
+    check_fraction,
+    check_int,
+    check_number,
     embed_or_linear,
     kaiming_uniform_,
     peft_pair,
@@ -60,8 +64,10 @@ class LoRA(AdapterConfig):
         ]
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        self.rank = check_int("rank", self.rank, minimum=1)
+        self.alpha = check_number("alpha", self.alpha, nonzero=True)
+        self.dropout = check_fraction("dropout", self.dropout)
+        check_bool("train_a", self.train_a)
         scale_factor(self.alpha, max(self.rank, 1), self.scaling)  # validates `scaling`
 
 

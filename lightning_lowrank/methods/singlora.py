@@ -29,6 +29,8 @@ from lightning_lowrank.methods.base import (
     PeftLayer,
     Scaling,
     Side,
+    check_int,
+    check_number,
     embed_or_linear,
     kaiming_uniform_,
     peft_pair,
@@ -58,8 +60,9 @@ class SingLoRA(AdapterConfig):
         return [cls(rank=2, alpha=4.0, ramp_steps=10)]
 
     def __post_init__(self) -> None:
-        if self.ramp_steps < 0:
-            raise ValueError(f"ramp_steps must be >= 0, got {self.ramp_steps}")
+        self.rank = check_int("rank", self.rank, minimum=1)
+        self.alpha = check_number("alpha", self.alpha, nonzero=True)
+        self.ramp_steps = check_int("ramp_steps", self.ramp_steps, minimum=0)
         scale_factor(self.alpha, max(self.rank, 1), self.scaling)  # validates `scaling`
 
 
@@ -96,7 +99,7 @@ class SingLoRALayer(AdapterLayer):
         self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=w.device))
 
     def set_step(self, step: int) -> None:
-        self.step.fill_(int(step))
+        self.step.fill_(check_int("step", step, minimum=0))
 
     def ramp_value(self) -> Tensor:
         """The current ``u(t)`` as a 0-dim tensor."""

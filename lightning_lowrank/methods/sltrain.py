@@ -39,6 +39,10 @@ from lightning_lowrank.methods.base import (
     PeftExportError,
     Scaling,
     Side,
+    check_bool,
+    check_fraction,
+    check_int,
+    check_number,
     kaiming_uniform_,
     layer_kind,
     scale_factor,
@@ -83,8 +87,11 @@ class SLTrain(AdapterConfig):
         return self.mode == "adapter"
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.density <= 1.0:
-            raise ValueError(f"density must be in [0, 1], got {self.density}")
+        self.rank = check_int("rank", self.rank, minimum=1)
+        self.alpha = check_number("alpha", self.alpha, nonzero=True)
+        self.density = check_fraction("density", self.density, closed=True)
+        self.seed = check_int("seed", self.seed, minimum=0)
+        check_bool("train_a", self.train_a)
         if self.mode not in ("adapter", "pretrain"):
             raise ValueError(f"mode must be 'adapter' or 'pretrain', got {self.mode!r}")
         if self.mode == "pretrain" and not self.train_a:
@@ -118,7 +125,9 @@ def sparse_support(
     numel = out_features * in_features
     nnz = min(numel, round(density * numel))
     gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
-    return torch.randperm(numel, generator=gen)[:nnz].sort().values
+    # on the CPU whatever the default device: the generator is a CPU one (and stand-in layers
+    # built on the meta device still get, and check, their real support)
+    return torch.randperm(numel, generator=gen, device="cpu")[:nnz].sort().values
 
 
 def support_fingerprint(indices: Tensor) -> int:
@@ -202,8 +211,12 @@ class SLTrainLayer(AdapterLayer):
                 # default initialisation, 1/(3 in).
                 with torch.no_grad():
                     kaiming_uniform_(self.lora_B).mul_(math.sqrt(3.0) / self.scale)
+
+    def on_attach(self) -> None:
+        if self.pretrain and "weight" in self.base._parameters:
             # the dense weight stops being a parameter: no storage, gradient or optimizer state
-            del base._parameters["weight"]
+            # (here, not at construction: a refused load must leave the base as it was)
+            del self.base._parameters["weight"]
 
     # --- protocol ---------------------------------------------------------------------------
     def low_rank_factors(self) -> None:
@@ -222,10 +235,15 @@ class SLTrainLayer(AdapterLayer):
         low = F.linear(F.linear(x, self.lora_A) * self.scale, self.lora_B)
         if self.nnz == 0:  # density 0 (pure low-rank): skip the dense matmul of zeros
             return low
-        sparse = SparseLinearFunction.apply(
-            x, self.sparse_values, self.sparse_index, self.out_features
-        )
-        return low + sparse
+        values, device = self.sparse_values, x.device.type
+        if torch.is_autocast_enabled(device):
+            # the Function has no amp handling of its own: run it in the autocast dtype with
+            # autocast off, so forward and backward see one dtype (the casts carry the gradient)
+            dtype = torch.get_autocast_dtype(device)
+            x, values = x.to(dtype), values.to(dtype)
+        with torch.autocast(device, enabled=False):
+            sparse = SparseLinearFunction.apply(x, values, self.sparse_index, self.out_features)
+        return low + sparse.to(low.dtype)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if not self.pretrain or self.merged:
@@ -263,12 +281,25 @@ class SLTrainLayer(AdapterLayer):
             return super().merge()
         if self.merged:
             return
-        weight = self.delta_weight()
-        if not torch.isfinite(weight).all():
-            raise ValueError("refusing to merge: the SLTrain weight has non-finite values")
+        weight = self._pretrain_weight()
         stored = weight if self.kind == "linear" else weight.t().contiguous()  # Conv1D is (in, out)
         self.base.weight = nn.Parameter(stored, requires_grad=False)
         self.merged = True
+
+    @torch.no_grad()
+    def _pretrain_weight(self) -> Tensor:
+        weight = self.delta_weight()
+        if not torch.isfinite(weight).all():
+            raise ValueError(
+                "refusing to merge: the SLTrain weight has non-finite values: nothing was merged"
+            )
+        return weight
+
+    def check_merge(self) -> None:
+        if not self.pretrain:
+            return super().check_merge()
+        if not self.merged:
+            self._pretrain_weight()
 
     @torch.no_grad()
     def unmerge(self) -> None:

@@ -37,7 +37,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from lightning_lowrank.methods.base import AdapterConfig, AdapterLayer, PeftLayer, Side, peft_pair
+from lightning_lowrank.methods.base import (
+    AdapterConfig,
+    AdapterLayer,
+    PeftLayer,
+    Side,
+    check_int,
+    check_number,
+    peft_pair,
+)
 from lightning_lowrank.methods.fused import AutogradCtx, fusable, rows
 from lightning_lowrank.methods.layers import layer_kind, layer_shape, weight_oi
 
@@ -60,6 +68,11 @@ class VeRA(AdapterConfig):
     def examples(cls) -> list[VeRA]:
         return [cls(rank=4, seed=3)]
 
+    def __post_init__(self) -> None:
+        self.rank = check_int("rank", self.rank, minimum=1)
+        self.d_init = check_number("d_init", self.d_init, nonzero=True)
+        self.seed = check_int("seed", self.seed, minimum=0)
+
     def validate_layer(self, name: str, base: nn.Module) -> None:
         if self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
@@ -73,16 +86,23 @@ class VeRA(AdapterConfig):
     def build(
         self, bases: dict[str, nn.Module], layer_meta: dict[str, dict[str, Any]] | None = None
     ) -> dict[str, AdapterLayer]:
-        layer_meta = layer_meta or {}
+        layer_meta = {n: dict(facts) for n, facts in (layer_meta or {}).items()}
         shapes = [layer_shape(b) for b in bases.values()]
+        # the pair's size as recorded when it was drawn: a file may lack the widest layer
+        # (LoRA-drop's "drop" mode leaves dropped layers out), and the draw depends on the size
+        ins = [
+            check_int("pair_in", f.pop("pair_in"), 1) for f in layer_meta.values() if "pair_in" in f
+        ]
+        outs = [
+            check_int("pair_out", f.pop("pair_out"), 1)
+            for f in layer_meta.values()
+            if "pair_out" in f
+        ]
+        in_max = max([i for _, i in shapes] + ins)
+        out_max = max([o for o, _ in shapes] + outs)
         first = cast(Tensor, next(iter(bases.values())).weight)
         shared = SharedProjection(
-            self.rank,
-            in_max=max(i for _, i in shapes),
-            out_max=max(o for o, _ in shapes),
-            seed=self.seed,
-            dtype=first.dtype,
-            device=first.device,
+            self.rank, in_max, out_max, seed=self.seed, dtype=first.dtype, device=first.device
         )
         return {
             name: VeRALayer(base, self, shared, **layer_meta.get(name, {}))
@@ -207,6 +227,9 @@ class VeRALayer(AdapterLayer):
         self.vera_lambda_b = nn.Parameter(
             torch.zeros(self.out_features, dtype=w.dtype, device=w.device)
         )
+
+    def layer_metadata(self) -> dict[str, Any]:
+        return {"pair_in": self.shared.A.shape[1], "pair_out": self.shared.B.shape[0]}
 
     def shared_slices(self) -> tuple[Tensor, Tensor]:
         """This layer's slices ``(B[:out], A[:, :in])`` of the shared pair."""

@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import warnings
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from lightning_lowrank.files import replace_directory_files
 from lightning_lowrank.inject import adapter_layers
 from lightning_lowrank.methods.base import AdapterLayer, PeftExportError, PeftLayer
 from lightning_lowrank.peft.files import CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME
@@ -194,23 +193,12 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, root: str | None
         PeftExportError: a layer's method has no exact PEFT form; the message says what to do.
     """
     config, tensors = peft_adapter(model, root)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(
-        directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"})
-    )
     text = json.dumps(config, indent=2, sort_keys=True)
-    _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text + "\n"))
-    return directory
-
-
-def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    # both files at once: a crash never leaves new weights under an old config (files.py)
+    return replace_directory_files(
+        directory,
+        {
+            WEIGHTS_NAME: lambda p: save_file(tensors, p, metadata={"format": "pt"}),
+            CONFIG_NAME: lambda p: Path(p).write_text(text + "\n"),
+        },
+    )

@@ -28,6 +28,11 @@ class Schedule:
     ) -> None:
         """Called once after injection, before the strategy wraps the model."""
 
+    def check_run_length(self, total_steps: int | None, steps_per_epoch: int | None) -> None:
+        """Called before a fit starts with what is known of its length (None: unknown, e.g. an
+        ``IterableDataset`` without ``max_steps``). Raise a ``ValueError`` naming the fix if the
+        schedule cannot run without it, so the run fails before its first step."""
+
     def train_start(
         self,
         model: nn.Module,

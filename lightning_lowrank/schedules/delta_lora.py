@@ -30,7 +30,6 @@ base weight's gradient (the paper turns it off).
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any, Literal, cast
 
@@ -41,6 +40,8 @@ from torch import Tensor, nn
 from lightning_lowrank.methods.base import (
     AdapterLayer,
     LayerExtension,
+    check_int,
+    check_number,
     embed_or_linear,
     weight_oi,
 )
@@ -201,10 +202,8 @@ class DeltaLoRA(Schedule):
     """
 
     def __init__(self, scale: float = 2.0, start_step: int = 500, mode: Mode = "inplace") -> None:
-        if not math.isfinite(scale):
-            raise ValueError(f"scale must be a finite number, got {scale}")
-        if start_step < 0:
-            raise ValueError(f"start_step must be >= 0, got {start_step}")
+        scale = check_number("scale", scale, nonzero=True)
+        start_step = check_int("start_step", start_step, minimum=0)
         if mode not in ("inplace", "implicit"):
             raise ValueError(f"mode must be 'inplace' or 'implicit', got {mode!r}")
         self.scale = float(scale)
@@ -220,6 +219,8 @@ class DeltaLoRA(Schedule):
         for name, layer in layers.items():
             _check_layer(name, layer)
         for layer in layers.values():
+            if self.mode == "inplace":
+                layer.own_base_weight()  # a tied weight's other users keep the original
             factors = layer.low_rank_factors()
             rank = None if factors is None else int(factors[0].shape[1])
             layer.extension = DeltaLoRABase(layer, self.scale, rank, self.mode == "implicit")
@@ -244,9 +245,18 @@ class DeltaLoRA(Schedule):
     def after_optimizer_step(
         self, model: nn.Module, layers: dict[str, AdapterLayer], step: int
     ) -> None:
-        for name, before in self._before.items():
-            apply_base_update(layers[name], before, self.scale)
-        self._before = {}
+        before, self._before = self._before, {}
+        if before and not _all_finite([layers[n] for n in before]):
+            # a non-finite loss or gradient reached the adapter: never let it into the base
+            # weights (one host sync per step, for all layers at once)
+            warnings.warn(
+                f"DeltaLoRA: the adapter has non-finite values after optimizer step {step} (a "
+                "NaN/inf loss or gradient?): the base-weight update of this step is skipped",
+                stacklevel=2,
+            )
+            return
+        for name, snapshot in before.items():
+            apply_base_update(layers[name], snapshot, self.scale)
 
     def checkpoint_keeps_base(self) -> bool:
         # the in-place form changes the adapted layers' base weights; the implicit one does not
@@ -265,6 +275,16 @@ class DeltaLoRA(Schedule):
         self.active = bool(state["active"])
         for layer in self._layers.values():
             _extension(layer).active = self.active
+
+
+def _all_finite(layers: list[AdapterLayer]) -> bool:
+    flags = [
+        torch.isfinite(p).all()
+        for layer in layers
+        for n, p in layer.named_parameters()
+        if not n.startswith("base.") and p.is_floating_point()
+    ]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 def _adapter_dtype(layer: AdapterLayer) -> torch.dtype:

@@ -44,6 +44,7 @@ smallest, which can keep fewer than ``b`` slots when scores tie; here exactly ``
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -118,6 +119,7 @@ class RankAllocator(Schedule):
         self.step = 0
         self.num_updates = 0
         self.fixed = False
+        self.skipped_updates = 0
         self.ipt: list[Tensor] = []
         self.unc: list[Tensor] = []
         self.history_steps: list[int] = []
@@ -161,10 +163,18 @@ class RankAllocator(Schedule):
             raise RuntimeError("the rank allocator is not set up: call setup(model, layers, T)")
         return self.config
 
+    def check_run_length(self, total_steps: int | None, steps_per_epoch: int | None) -> None:
+        if self.total_steps is None and total_steps is not None:
+            # set up before the length was known (trainer.validate before fit): take it now
+            _check_fits(self._cfg(), total_steps)
+            self.total_steps = total_steps
+        self._total()  # raises the message that names the fix while the length is unknown
+
     def _total(self) -> int:
         if self.total_steps is None:
             raise ValueError(
-                "AdaLoRA needs the run's total optimizer steps: set Trainer(max_steps=...), "
+                "AdaLoRA needs the run's total optimizer steps, and this run's length is unknown "
+                "(an IterableDataset without max_steps?): set Trainer(max_steps=...), "
                 "LowRankCallback(total_steps=...) or AdaLoRA(total_steps=...)"
             )
         return self.total_steps
@@ -254,6 +264,17 @@ class RankAllocator(Schedule):
         """
         params = self._tensors(layers)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        if not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            # a NaN/inf gradient (a step GradScaler skipped under fp16, or a NaN loss) would stay
+            # in the averages forever and make every score NaN: this step's update is skipped
+            self.skipped_updates += 1
+            warnings.warn(
+                f"AdaLoRA: non-finite gradients at optimizer step {self.step} (a step skipped "
+                "by fp16 loss scaling, or a NaN loss): the importance update is skipped "
+                f"({self.skipped_updates} so far)",
+                stacklevel=2,
+            )
+            return
         self._ensure_state(params)
         ipt: tuple[Tensor, ...] | list[Tensor] = torch._foreach_mul(
             [p.detach() for p in params], grads
