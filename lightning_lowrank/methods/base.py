@@ -155,8 +155,7 @@ class AdapterLayer(LayerState, nn.Module):
         self.config = config
         self.out_features, self.in_features = layer_shape(base)
         self.merged = False
-        #: an optional :class:`LayerExtension` (a child module once set), e.g. Delta-LoRA's
-        #: implicit base update; it adds to the output and to the merged weight
+        #: an optional :class:`LayerExtension` (a child module once set): Delta-LoRA's base update
         self.extension: LayerExtension | None = None
         #: the layer is its base layer: forward is ``base(x)``, merge adds nothing, the delta is
         #: zero (``methods/state.py``); LoRA-drop's ``mode="drop"`` sets it, adapter files omit it
