@@ -285,7 +285,7 @@ def merge(model: nn.Module) -> None:
 def _untie_configs(model: nn.Module) -> None:
     for module in model.modules():
         config = getattr(module, "config", None)
-        if getattr(config, "tie_word_embeddings", False):
+        if config is not None and getattr(config, "tie_word_embeddings", False):
             config.tie_word_embeddings = False
 
 

@@ -87,7 +87,7 @@ def kaiming_uniform_(t: Tensor) -> Tensor:
 def own_weight(module: nn.Module, tied_with: list[str]) -> None:
     """Replace ``module.weight`` by a frozen copy, untying it from ``tied_with`` (which keep the
     original tensor), and warn: the tie is broken from now on."""
-    w = module.weight
+    w = cast(nn.Parameter, module.weight)
     module.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
     warnings.warn(
         f"an adapted layer's base weight was tied to {tied_with[:3]}: it now has its own copy, "

@@ -235,7 +235,8 @@ class SLTrainLayer(AdapterLayer):
         low = F.linear(F.linear(x, self.lora_A) * self.scale, self.lora_B)
         if self.nnz == 0:  # density 0 (pure low-rank): skip the dense matmul of zeros
             return low
-        values, device = self.sparse_values, x.device.type
+        values: Tensor = self.sparse_values
+        device = x.device.type
         if torch.is_autocast_enabled(device):
             # the Function has no amp handling of its own: run it in the autocast dtype with
             # autocast off, so forward and backward see one dtype (the casts carry the gradient)
