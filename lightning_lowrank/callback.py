@@ -285,8 +285,8 @@ class LowRankCallback(Callback):
     # with a generic message; marking state_dict as Callback's own (functools.wraps) leaves that
     # check to setup, which says what to do instead. Lightning still saves and loads the state
     # under "LowRankCallback" (it calls state_dict/load_state_dict of every callback).
-    @functools.wraps(Callback.state_dict)  # type: ignore[override]  # same signature, see above
-    def state_dict(self) -> dict[str, Any]:
+    @functools.wraps(Callback.state_dict)
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]  # the same signature
         return {
             # what a resume checks (on_load_checkpoint) and load_adapter_checkpoint rebuilds from
             "method": self.method.to_dict(),
