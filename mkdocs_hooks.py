@@ -43,8 +43,9 @@ MATHJAX_PARTS = ("tex-mml-chtml.js", "input", "output/chtml", "output/chtml.js",
 # --- notebook pages ---------------------------------------------------------------------------
 _HREF = re.compile(r'href="(?!https?:|mailto:|#|/)([^"#]+?\.(?:md|ipynb))(#[^"]*)?"')
 # in the highlighted source, and at a line start of the plain copy the copy button uses
-_NBVAL = re.compile(
-    r'<span class="c1">#\s*NBVAL_[A-Z_]+[^<]*</span>\n?|^#\s*NBVAL_[A-Z_]+[^\n<]*\n', re.MULTILINE
+_NBVAL = re.compile(r'<span class="c1">#\s*NBVAL_[A-Z_]+[^<]*</span>\n?')
+_NBVAL_COPY = re.compile(
+    r'(<div class="clipboard-copy-txt"[^>]*>|^)#\s*NBVAL_[A-Z_]+[^\n<]*\n', re.MULTILINE
 )
 _STDERR = re.compile(
     r'<div class="jp-OutputArea-child">\s*<div class="jp-OutputPrompt jp-OutputArea-prompt">'
@@ -77,7 +78,7 @@ def _rewrite_links(html: str, page, files) -> str:
 
 def clean_notebook_html(html: str) -> str:
     """Drop nbval markers, stderr streams and nbconvert's MathJax 2 loader from a notebook page."""
-    html = _NBVAL.sub("", html)
+    html = _NBVAL_COPY.sub(r"\1", _NBVAL.sub("", html))
     html = _STDERR.sub("", html)
     return _MATHJAX2.sub("", html)
 

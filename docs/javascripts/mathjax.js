@@ -10,7 +10,8 @@ window.MathJax = {
     processEnvironments: true
   },
   options: {
-    ignoreHtmlClass: ".*|",
+    // any element with a class is skipped unless it is one of these (or inside one)
+    ignoreHtmlClass: "[^ ]+",
     processHtmlClass: "arithmatex|jp-RenderedMarkdown"
   }
 };
