@@ -46,9 +46,7 @@ CHROMIUM_FLAGS = (
 )
 
 # TeX that MathJax should have turned into math: delimiters, a $...$ with TeX inside, a \command{
-RAW_TEX = re.compile(
-    r"\\\(|\\\)|\\\[|\\\]|\$\$|\$[^$\s][^$\n]*[\\^_{}][^$\n]*\$|\\[A-Za-z]+\{"
-)
+RAW_TEX = re.compile(r"\\\(|\\\)|\\\[|\\\]|\$\$|\$[^$\s][^$\n]*[\\^_{}][^$\n]*\$|\\[A-Za-z]+\{")
 
 # Runs in the page: waits for MathJax, then returns the visible text that may hold TeX (outside
 # code, outputs and typeset math), the TeX errors, the links and the element ids.

@@ -14,6 +14,7 @@ from typing_extensions import override
 from lightning_lowrank.demos.classifier import TextClassifier
 from lightning_lowrank.demos.data import BBCNewsDataModule
 from lightning_lowrank.demos.models import load_minilm_classifier
+from lightning_lowrank.demos.quiet import quiet_lightning
 
 
 class MiniLMClassifier(TextClassifier):
@@ -49,6 +50,7 @@ class DemoCLI(LightningCLI):
 
 def main(args: list[str] | None = None, run: bool = True) -> DemoCLI:
     """Build (and with ``run=True`` run) the CLI; ``args`` defaults to ``sys.argv[1:]``."""
+    quiet_lightning()
     return DemoCLI(
         MiniLMClassifier,
         BBCNewsDataModule,
