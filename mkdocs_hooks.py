@@ -130,8 +130,9 @@ def api_identifiers(root: Path = ROOT) -> dict[str, str]:
     # the function `inject` shadows its module in the package namespace: the reference documents
     # it under its module's path
     found["inject"] = "lightning_lowrank.inject.inject"
+    # the analysis page documents its whole module, re-exported names included
     for name in _public_definitions(package / "analysis.py"):
-        found.setdefault(name, f"lightning_lowrank.analysis.{name}")
+        found[name] = f"lightning_lowrank.analysis.{name}"
     for name in _names_in_all(package / "demos" / "__init__.py"):
         found.setdefault(name, f"lightning_lowrank.demos.{name}")
     return found

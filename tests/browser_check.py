@@ -6,6 +6,8 @@ MathJax has typeset it, and reports:
 
 - raw TeX left in the visible text (``\\(...\\)``, ``$x^2$``, ``\\frac{...}``: math MathJax did not
   typeset), and TeX errors MathJax rendered (``mjx-merror``);
+- a display equation wider than the text column that does not scroll in its own box, and a page
+  wider than the window (at Chromium's headless default of 800 pixels);
 - internal links (``<a href>``, ``<img src>``) to a file that does not exist or an anchor that is
   not on the target page.
 
@@ -74,6 +76,15 @@ PROBE = r"""
     const text = node.textContent;
     if (!hidden && (text.includes("\\") || text.includes("$"))) texts.push(text);
   }
+  // a display equation wider than the column must scroll inside its own box
+  const wide = [];
+  for (const e of root.querySelectorAll('div.arithmatex, mjx-container[display="true"]')) {
+    if (e.parentElement.matches("div.arithmatex")) continue;  // the div is the scrolling box
+    const overflow = getComputedStyle(e).overflowX;
+    if (e.scrollWidth > e.clientWidth + 1 && overflow !== "auto" && overflow !== "scroll") {
+      wide.push(e.textContent.slice(0, 40));
+    }
+  }
   const links = [];
   for (const a of document.querySelectorAll("a[href]")) links.push(a.href);
   for (const img of document.querySelectorAll("img[src]")) links.push(img.src);
@@ -81,6 +92,8 @@ PROBE = r"""
     texts,
     errors: Array.from(document.querySelectorAll("mjx-merror"), e => e.textContent),
     math: document.querySelectorAll("mjx-container").length,
+    wide,
+    sideways: document.documentElement.scrollWidth > window.innerWidth + 1,
     links,
     ids: Array.from(document.querySelectorAll("[id], a[name]"), e => e.id || e.name),
   };
@@ -216,6 +229,10 @@ class Browser:
             "sessionId"
         ]
         self.call("Page.enable", session=True)
+        # the search index (megabytes, indexed again by a worker on every page) is not what is
+        # checked here, and on two cores it would dominate the check's time
+        self.call("Network.enable", session=True)
+        self.call("Network.setBlockedURLs", session=True, urls=["*/search/search_index.json"])
 
     def _message(self) -> dict[str, Any]:
         while b"\0" not in self._buffer:
@@ -301,6 +318,10 @@ def check_site(site: Path, chromium: str, pages: list[str] | None = None) -> Rep
                     report.add(page, f"raw TeX: {snippet!r}")
                 for error in probe["errors"]:
                     report.add(page, f"TeX error: {error!r}")
+                for equation in probe["wide"]:
+                    report.add(page, f"wide equation does not scroll: {equation!r}")
+                if probe["sideways"]:
+                    report.add(page, "the page is wider than the window")
         finally:
             browser.close()
         check_links(site, origin, found, report)

@@ -312,12 +312,18 @@ def test_link_check_finds_missing_files_and_anchors(tmp_path):
 def test_browser_check_reads_a_rendered_page(tmp_path):
     (tmp_path / "index.html").write_text(
         "<html><body><article><p>fine</p><p>left raw: $x^2$</p><code>$y^2$ in code</code>"
-        "<a href='missing/'>a</a><a href='#top'>b</a></article><p id='top'></p></body></html>"
+        "<a href='missing/'>a</a><a href='#top'>b</a>"
+        "<div class='arithmatex' style='width:100px;overflow:hidden'>"
+        "<span style='display:inline-block;width:300px'>wide</span></div>"
+        "<div class='arithmatex' style='width:100px;overflow-x:auto'>"
+        "<span style='display:inline-block;width:300px'>scrolls</span></div>"
+        "</article><p id='top'></p></body></html>"
     )
     report = browser_check.check_site(tmp_path, browser_check.find_chromium())
     assert report.pages == 1
     assert report.problems["/index.html"] == [
         "raw TeX: 'left raw: $x^2$'",
+        "wide equation does not scroll: 'wide'",
         "broken link: /missing/",
     ]
 
