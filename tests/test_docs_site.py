@@ -339,3 +339,17 @@ def test_links_named_after_a_tutorial_go_to_that_tutorial():
     for page in (ROOT / "docs").rglob("*.md"):
         for text, target in re.findall(r"\[([^\]]*tutorial)\]\(([^)]+)\)", page.read_text()):
             assert target.endswith(".ipynb"), f"{page.name}: [{text}]({target})"
+
+
+def test_snippets_resuming_from_last_ckpt_write_it():
+    # ModelCheckpoint writes last.ckpt only with save_last=True
+    for page in (ROOT / "docs").rglob("*.md"):
+        text = page.read_text()
+        if "last.ckpt" in text:
+            assert "save_last=True" in text, page.name
+
+
+def test_home_snippet_trains_the_new_head():
+    home = (ROOT / "docs" / "index.md").read_text()
+    snippet = home[home.index("```python") : home.index("```", home.index("```python") + 3)]
+    assert 'train_modules=["classifier"]' in snippet
