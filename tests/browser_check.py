@@ -9,7 +9,9 @@ MathJax has typeset it, and reports:
 - a display equation wider than the text column that does not scroll in its own box, and a page
   wider than the window (at Chromium's headless default of 800 pixels);
 - internal links (``<a href>``, ``<img src>``) to a file that does not exist or an anchor that is
-  not on the target page.
+  not on the target page;
+- anything a page requests from another host (MathJax, fonts: the site must work offline). The
+  browser is kept off the network: such requests are recorded and fail.
 
 Exit status 1 lists the problems; without a Chromium the check prints why it is skipped and exits
 0 (``make browser-check`` installs Debian's ``chromium`` first). ``--screenshot PAGE=FILE.png``
@@ -45,7 +47,18 @@ CHROMIUM_FLAGS = (
     "--no-first-run",
     "--no-default-browser-check",
     "--hide-scrollbars",
+    # nothing leaves the machine: no background services, every host but loopback unresolvable,
+    # and any other request sent to a closed local port (loopback itself bypasses the proxy)
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-pings",
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+    "--proxy-server=http://127.0.0.1:9",
 )
+# requests to other hosts that are expected and harmless offline: Material's header asks GitHub
+# for the repository's star and fork counts, and shows the link without them when that fails
+ALLOWED_HOSTS = {"api.github.com"}
 
 # TeX that MathJax should have turned into math: delimiters, a $...$ with TeX inside, a \command{
 RAW_TEX = re.compile(r"\\\(|\\\)|\\\[|\\\]|\$\$|\$[^$\s][^$\n]*[\\^_{}][^$\n]*\$|\\[A-Za-z]+\{")
@@ -117,6 +130,21 @@ def raw_tex(texts: list[str]) -> list[str]:
         for m in RAW_TEX.finditer(text):
             found.append(text[max(0, m.start() - 20) : m.end() + 20].strip())
     return found
+
+
+def external_requests(urls: list[str], origin: str) -> list[str]:
+    """The requested URLs that are not on ``origin`` (nor inline data, nor an allowed host)."""
+    found = []
+    for url in urls:
+        parts = urlsplit(url)
+        if (
+            parts.scheme in ("data", "blob", "about")
+            or f"{parts.scheme}://{parts.netloc}" == origin
+        ):
+            continue
+        if parts.hostname not in ALLOWED_HOSTS:
+            found.append(url)
+    return sorted(set(found))
 
 
 def site_pages(site: Path) -> list[str]:
@@ -224,6 +252,7 @@ class Browser:
         os.close(from_child)
         self._buffer = b""
         self._id = 0
+        self.requests: list[str] = []  # URLs requested since the last open()
         target = self.call("Target.createTarget", url="about:blank")["targetId"]
         self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)[
             "sessionId"
@@ -241,7 +270,10 @@ class Browser:
                 raise RuntimeError("Chromium closed the DevTools pipe")
             self._buffer += chunk
         raw, self._buffer = self._buffer.split(b"\0", 1)
-        return json.loads(raw)
+        message = json.loads(raw)
+        if message.get("method") == "Network.requestWillBeSent":
+            self.requests.append(message["params"]["request"]["url"])
+        return message
 
     def call(self, method: str, session: bool = False, **params: Any) -> dict[str, Any]:
         """Send one command and return its result (events that arrive meanwhile are dropped)."""
@@ -259,6 +291,7 @@ class Browser:
 
     def open(self, url: str) -> None:
         """Navigate and wait until the document is parsed (its scripts ran; images may load on)."""
+        self.requests = []
         self._id += 1
         message = {
             "id": self._id,
@@ -322,6 +355,8 @@ def check_site(site: Path, chromium: str, pages: list[str] | None = None) -> Rep
                     report.add(page, f"wide equation does not scroll: {equation!r}")
                 if probe["sideways"]:
                     report.add(page, "the page is wider than the window")
+                for url in external_requests(browser.requests, origin):
+                    report.add(page, f"loads from another host: {url}")
         finally:
             browser.close()
         check_links(site, origin, found, report)

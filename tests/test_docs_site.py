@@ -283,6 +283,21 @@ def test_raw_tex_is_recognised_and_plain_prose_is_not():
     assert not browser_check.raw_tex(["costs $5 and $6 per run", "C:\\ path", "a_b and x^2"])
 
 
+def test_requests_to_other_hosts_are_reported():
+    origin = "http://127.0.0.1:8000"
+    urls = [
+        f"{origin}/javascripts/mathjax/tex-mml-chtml.js",
+        "data:image/png;base64,AAAA",
+        "https://cdn.jsdelivr.net/npm/mathjax@3/es5/tex-mml-chtml.js",
+        "https://api.github.com/repos/o/r",
+        "https://fonts.googleapis.com/css?family=Roboto",
+    ]
+    assert browser_check.external_requests(urls, origin) == [
+        "https://cdn.jsdelivr.net/npm/mathjax@3/es5/tex-mml-chtml.js",
+        "https://fonts.googleapis.com/css?family=Roboto",
+    ]
+
+
 def test_link_check_finds_missing_files_and_anchors(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "index.html").write_text("<p id='here'>")
@@ -317,13 +332,15 @@ def test_browser_check_reads_a_rendered_page(tmp_path):
         "<span style='display:inline-block;width:300px'>wide</span></div>"
         "<div class='arithmatex' style='width:100px;overflow-x:auto'>"
         "<span style='display:inline-block;width:300px'>scrolls</span></div>"
-        "</article><p id='top'></p></body></html>"
+        "</article><p id='top'></p>"
+        "<script src='https://cdn.example.org/x.js'></script></body></html>"
     )
     report = browser_check.check_site(tmp_path, browser_check.find_chromium())
     assert report.pages == 1
     assert report.problems["/index.html"] == [
         "raw TeX: 'left raw: $x^2$'",
         "wide equation does not scroll: 'wide'",
+        "loads from another host: https://cdn.example.org/x.js",
         "broken link: /missing/",
     ]
 
