@@ -39,11 +39,11 @@ demo: $(VENV)/.demo-installed
 	$(BIN)/python -m lightning_lowrank.demos.finetune
 
 lint: $(VENV)/.all-installed
-	$(BIN)/ruff check lightning_lowrank tests benchmarks
-	$(BIN)/ruff format --check lightning_lowrank tests benchmarks
+	$(BIN)/ruff check lightning_lowrank tests benchmarks mkdocs_hooks.py
+	$(BIN)/ruff format --check lightning_lowrank tests benchmarks mkdocs_hooks.py
 	$(BIN)/mypy
 
-unit: $(VENV)/.all-installed fortunes
+unit: $(VENV)/.all-installed fortunes chromium
 	$(BIN)/python -m pytest -q tests
 
 notebooks: $(VENV)/.all-installed fortunes
@@ -130,8 +130,8 @@ chromium:
 test: lint unit notebooks docs browser-check
 
 format: $(VENV)/.all-installed
-	$(BIN)/ruff format lightning_lowrank tests benchmarks
-	$(BIN)/ruff check --fix lightning_lowrank tests benchmarks
+	$(BIN)/ruff format lightning_lowrank tests benchmarks mkdocs_hooks.py
+	$(BIN)/ruff check --fix lightning_lowrank tests benchmarks mkdocs_hooks.py
 
 clean:
 	rm -rf site site-screenshots .pytest_cache
