@@ -370,3 +370,15 @@ def test_home_snippet_trains_the_new_head():
     home = (ROOT / "docs" / "index.md").read_text()
     snippet = home[home.index("```python") : home.index("```", home.index("```python") + 3)]
     assert 'train_modules=["classifier"]' in snippet
+
+
+def test_docstrings_use_markdown_cross_references_not_sphinx_roles():
+    # mkdocstrings renders Markdown: a Sphinx role such as :class:`X` would show up raw
+    role = re.compile(r":(?:meth|class|func|attr|mod|data|exc|obj):`")
+    found = [
+        f"{path.relative_to(ROOT)}:{n}"
+        for path in sorted((ROOT / "lightning_lowrank").rglob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if role.search(line) or "the module docstring" in line
+    ]
+    assert not found, f"Sphinx roles or references to an unrendered docstring: {found}"

@@ -18,7 +18,7 @@ from lightning_lowrank.demos.quiet import quiet_lightning
 
 
 class MiniLMClassifier(TextClassifier):
-    """:class:`TextClassifier` over the pretrained MiniLM, built from plain (YAML) arguments.
+    """[`TextClassifier`][lightning_lowrank.demos.TextClassifier] over the pretrained MiniLM, built from plain (YAML) arguments.
 
     Args:
         num_labels: number of classes (linked to the data module's ``num_classes`` by the CLI).
@@ -41,7 +41,7 @@ class MiniLMClassifier(TextClassifier):
 
 
 class DemoCLI(LightningCLI):
-    """``LightningCLI`` for :class:`MiniLMClassifier` on :class:`BBCNewsDataModule`."""
+    """``LightningCLI`` for ``MiniLMClassifier`` on [`BBCNewsDataModule`][lightning_lowrank.demos.BBCNewsDataModule]."""
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
