@@ -188,7 +188,7 @@ def inject(
     Args:
         model: any ``nn.Module`` (a LightningModule, a transformers model, a plain module).
         method: a method config such as ``LoRA(rank=8, alpha=16)``.
-        target_modules: which layers to adapt (see the module docstring).
+        target_modules: which layers to adapt (see [the matching rules][lightning_lowrank.inject]).
         exclude_modules: layers to leave alone, with the same matching rules.
         train_modules: modules left fully trainable (e.g. a freshly initialised classifier head),
             matched like a list of ``target_modules``.
@@ -290,7 +290,7 @@ def _untie_configs(model: nn.Module) -> None:
 
 
 def unmerge(model: nn.Module) -> None:
-    """Undo :func:`merge`, restoring the base weights to float tolerance."""
+    """Undo [`merge`][lightning_lowrank.merge], restoring the base weights to float tolerance."""
     for layer in _iter_layers(model):
         layer.unmerge()
 
@@ -325,7 +325,7 @@ def unload(model: nn.Module) -> nn.Module:
 def trainable_parameter_count(model: nn.Module) -> int:
     """Number of parameters that require a gradient and take part in the output. Shared tensors
     are counted once; the idle parameters of disabled and tied layers
-    (:meth:`AdapterLayer.idle_parameters`: LoRA-drop's dropped layers and the members of a shared
+    (``AdapterLayer.idle_parameters``: LoRA-drop's dropped layers and the members of a shared
     adapter) are not counted."""
     idle = {id(p) for layer in adapter_layers(model).values() for p in layer.idle_parameters()}
     seen: set[object] = set()

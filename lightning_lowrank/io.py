@@ -80,7 +80,7 @@ def save_adapter(
         model: a model with injected adapters.
         path: the file to write (conventionally ``*.safetensors``).
         extra: JSON-serialisable state to store in the metadata (used by scheduled methods).
-        truncate: write each layer's :meth:`~AdapterLayer.truncated_state` (AdaLoRA: only the
+        truncate: write each layer's [`truncated_state`][lightning_lowrank.AdapterLayer.truncated_state] (AdaLoRA: only the
             rank slots its mask keeps, physically smaller); loading rebuilds those shapes.
 
     Returns:

@@ -11,9 +11,9 @@ side), ``lora_E`` (lambda) and ``lora_A`` (Q, the input side). The forward pass 
 ``base(x) + ((dropout(x) @ Q.T) * s * lambda) @ P.T``: the dense ``dW`` is never built.
 
 Rank slots are switched off by the rank allocator
-(:class:`~lightning_lowrank.schedules.adalora.RankAllocator`), which sets the slot's lambda to 0 and
+([`RankAllocator`][lightning_lowrank.RankAllocator]), which sets the slot's lambda to 0 and
 clears its entry of the ``rank_mask`` buffer. Shapes never change during training (DDP and
-checkpoints rely on that); :meth:`AdaLoRALayer.truncated_state` gives the physically smaller adapter
+checkpoints rely on that); ``AdaLoRALayer.truncated_state`` gives the physically smaller adapter
 (only the kept slots) for ``save_adapter(..., truncate=True)``, and the ``rank`` layer metadata
 rebuilds those shapes when the file is loaded.
 """
@@ -127,13 +127,13 @@ class AdaLoRA(AdapterConfig):
 
 
 class AdaLoRALayer(AdapterLayer):
-    """A base layer plus ``s * P diag(lambda) Q``. See :class:`AdaLoRA`.
+    """A base layer plus ``s * P diag(lambda) Q``. See [`AdaLoRA`][lightning_lowrank.AdaLoRA].
 
     Args:
         base: the frozen layer.
         config: the method config.
         rank: the number of rank slots to build; ``None`` means ``config.init_rank``. A smaller
-            value rebuilds a truncated adapter (see :meth:`truncated_state`).
+            value rebuilds a truncated adapter (see ``truncated_state``).
     """
 
     rank_mask: Tensor

@@ -1,12 +1,12 @@
 """The adapter protocol shared by every method, and the PEFT form a layer may give.
 
-A method is one file: a config dataclass (a subclass of :class:`AdapterConfig`) and a layer class
-(a subclass of :class:`AdapterLayer`) named by the config's ``layer_cls``. Defining the config
+A method is one file: a config dataclass (a subclass of [`AdapterConfig`][lightning_lowrank.AdapterConfig]) and a layer class
+(a subclass of [`AdapterLayer`][lightning_lowrank.AdapterLayer]) named by the config's ``layer_cls``. Defining the config
 class registers it by its class name (``methods/registry.py``): adapter files, LightningCLI's
 ``class_path`` and PEFT export find it without any list to edit.
 
 Every method wraps a frozen base layer (``nn.Linear``, transformers' GPT-2 ``Conv1D`` or
-``nn.Embedding``, see ``methods/layers.py``) in an :class:`AdapterLayer`. The rest of the library
+``nn.Embedding``, see ``methods/layers.py``) in an [`AdapterLayer`][lightning_lowrank.AdapterLayer]. The rest of the library
 (inject, merge, save/load, PEFT export, LoRA+ grouping, the callback and its schedules) only uses
 this protocol:
 
@@ -20,13 +20,13 @@ this protocol:
 - optionally ``low_rank_factors()``: ``(B, A, c)`` with ``delta_weight() == c * B @ A``, the whole
   update as one low-rank product, or None (DoRA, SLTrain: their updates are not one product).
   This is the one accessor for a layer's low-rank factors; Delta-LoRA uses it;
-- optionally ``peft_form()``: the update in PEFT's LoRA form (a :class:`PeftLayer`: B, A, scale
-  and DoRA's magnitude), or a :class:`PeftExportError` giving the reason it has none. Subclasses
+- optionally ``peft_form()``: the update in PEFT's LoRA form (a ``PeftLayer``: B, A, scale
+  and DoRA's magnitude), or a ``PeftExportError`` giving the reason it has none. Subclasses
   inherit their parent's form: a subclass that changes the update must override it;
 - two states every method obeys through the generic path (``methods/state.py``): ``disabled``
   (the layer is its base) and a tie (``share_adapter(host)``: compute with the host's adapter
   parameters), read through ``adapter_host`` and ``idle_parameters()``;
-- ``merge()`` / ``unmerge()`` and an optional ``extension`` (a :class:`LayerExtension`, e.g.
+- ``merge()`` / ``unmerge()`` and an optional ``extension`` (a ``LayerExtension``, e.g.
   Delta-LoRA's implicit base update) come with the base class.
 
 Weights are always spoken of in ``(out, in)`` orientation (``methods/layers.py``).
@@ -77,7 +77,7 @@ def scale_factor(alpha: float, rank: int, scaling: Scaling) -> float:
 class AdapterConfig:
     """Base class of the method configs. Subclasses are typed dataclasses with paper defaults.
 
-    Defining a subclass registers it by class name (:func:`register_config`); pass
+    Defining a subclass registers it by class name (``register_config``); pass
     ``register=False`` in the class statement (``class Draft(LoRA, register=False)``) to opt out.
     """
 
@@ -142,9 +142,9 @@ class AdapterConfig:
 
 
 class AdapterLayer(LayerState, nn.Module):
-    """A frozen base layer plus a trainable low-rank adapter. See the module docstring.
+    """A frozen base layer plus a trainable low-rank adapter. See [the adapter protocol][lightning_lowrank.methods.base].
 
-    :class:`LayerState` adds the ``disabled`` flag and the tie (``methods/state.py``)."""
+    ``LayerState`` adds the ``disabled`` flag and the tie (``methods/state.py``)."""
 
     def __init__(self, base: nn.Module, config: AdapterConfig) -> None:
         super().__init__()
@@ -155,7 +155,7 @@ class AdapterLayer(LayerState, nn.Module):
         self.config = config
         self.out_features, self.in_features = layer_shape(base)
         self.merged = False
-        #: an optional :class:`LayerExtension` (a child module once set): Delta-LoRA's base update
+        #: an optional ``LayerExtension`` (a child module once set): Delta-LoRA's base update
         self.extension: LayerExtension | None = None
         #: the layer is its base layer: forward is ``base(x)``, merge adds nothing, the delta is
         #: zero (``methods/state.py``); LoRA-drop's ``mode="drop"`` sets it, adapter files omit it
@@ -232,7 +232,7 @@ class AdapterLayer(LayerState, nn.Module):
     def fused_output(self, x: Tensor) -> Tensor | None:
         """Base plus adapter output for ``x`` in one fused pass (``methods/fused.py``), or None
         when this layer has none for this input; ``forward`` then computes ``base(x)`` and adds
-        :meth:`adapter_forward`. Called only for linear and Conv1D layers, unmerged, with no extra
+        ``adapter_forward``. Called only for linear and Conv1D layers, unmerged, with no extra
         arguments.
         """
         return None
@@ -241,7 +241,7 @@ class AdapterLayer(LayerState, nn.Module):
         self, x: Tensor, a: Tensor, b: Tensor, scale: float, factor: Tensor | None = None
     ) -> Tensor | None:
         """``factor * (base(x) - bias + scale * (x' a^T) b^T) + bias`` in one pass, or None when
-        :func:`~lightning_lowrank.methods.fused.fusable` refuses (then the generic path runs)."""
+        ``fusable`` refuses (then the generic path runs)."""
         extra = (factor,) if factor is not None else ()
         if not fusable(self.base, x, a, b, *extra):
             return None
@@ -265,7 +265,7 @@ class AdapterLayer(LayerState, nn.Module):
         return out + self.adapter_forward(x).to(out.dtype)
 
     def merged_delta(self) -> Tensor:
-        """What :meth:`merge` adds to the base weight: ``delta_weight()`` plus the extension's
+        """What [`merge`][lightning_lowrank.merge] adds to the base weight: ``delta_weight()`` plus the extension's
         term, if any; zero for a disabled layer."""
         delta = self.delta_weight()
         if self.disabled:
@@ -311,7 +311,7 @@ class AdapterLayer(LayerState, nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract the delta that :meth:`merge` added, restoring the base weight."""
+        """Subtract the delta that [`merge`][lightning_lowrank.merge] added, restoring the base weight."""
         if not self.merged:
             return
         w = weight_oi(self.base)
@@ -357,7 +357,7 @@ def peft_pair(
     return PeftLayer(kind=kind or "linear", lora_A=a, lora_B=b, alpha=alpha, rslora=rslora)
 
 
-#: every :class:`LayerExtension` subclass by its ``name``, to rebuild one from adapter metadata
+#: every ``LayerExtension`` subclass by its ``name``, to rebuild one from adapter metadata
 EXTENSION_TYPES: dict[str, type[LayerExtension]] = {}
 
 
@@ -365,10 +365,10 @@ class LayerExtension(nn.Module):
     """An add-on to one adapter layer that changes its effective weight beyond the method's delta.
 
     A scheduled method attaches one as ``layer.extension`` (Delta-LoRA's implicit base update).
-    The layer's forward passes its output through :meth:`add_output`, and :meth:`merge` folds
-    :meth:`add_weight` into the base. Its persistent buffers belong to the adapter: adapter files
-    and checkpoints store them under ``"<layer>.extension.<buffer>"``; :meth:`metadata` (JSON) and
-    :meth:`from_metadata` let ``load_adapter`` rebuild it. Subclasses set a unique ``name``.
+    The layer's forward passes its output through ``add_output``, and [`merge`][lightning_lowrank.merge] folds
+    ``add_weight`` into the base. Its persistent buffers belong to the adapter: adapter files
+    and checkpoints store them under ``"<layer>.extension.<buffer>"``; ``metadata`` (JSON) and
+    ``from_metadata`` let ``load_adapter`` rebuild it. Subclasses set a unique ``name``.
     """
 
     name: ClassVar[str] = ""
@@ -391,7 +391,7 @@ class LayerExtension(nn.Module):
         return True
 
     def metadata(self) -> dict[str, Any]:
-        """JSON-serialisable facts that :meth:`from_metadata` needs (shapes, constants)."""
+        """JSON-serialisable facts that ``from_metadata`` needs (shapes, constants)."""
         return {}
 
     @classmethod

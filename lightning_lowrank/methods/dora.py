@@ -106,7 +106,7 @@ class DoRAMagnitude:
 
     Mixed in before the delta's layer class (``class X(DoRAMagnitude, LoRALayer)``): the delta
     layer keeps its parameters, forward, ramp and ``low_rank_factors`` (read here as
-    :meth:`direction_factors`); this class adds ``magnitude`` and replaces the forward,
+    ``direction_factors``); this class adds ``magnitude`` and replaces the forward,
     ``delta_weight``, ``merge``, ``unmerge``, ``low_rank_factors`` (None: the whole update is not
     low-rank) and ``peft_form`` (the delta layer's pair plus the magnitude).
     """
@@ -130,7 +130,7 @@ class DoRAMagnitude:
 
     def direction_factors(self) -> tuple[Tensor, Tensor, Tensor | float]:
         """``(B, A, c)`` of the low-rank ``dW = c * B @ A`` inside the direction
-        ``V = W0 + dW``: the delta layer's own :meth:`low_rank_factors` (LoRA's or SingLoRA's)."""
+        ``V = W0 + dW``: the delta layer's own ``low_rank_factors`` (LoRA's or SingLoRA's)."""
         factors = super().low_rank_factors()  # type: ignore[misc]  # mixin: super() is the delta layer
         if factors is None:
             raise TypeError(
@@ -140,7 +140,7 @@ class DoRAMagnitude:
 
     def low_rank_factors(self) -> None:
         """None: DoRA's update ``m * V / ||V|| - W0`` is not a low-rank product (the delta under
-        the magnitude is, see :meth:`direction_factors`)."""
+        the magnitude is, see ``direction_factors``)."""
         return None
 
     def peft_form(self) -> PeftLayer:
@@ -266,11 +266,11 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 # the [misc] ignores below: DoRA's low_rank_factors is None (its whole update is not one low-rank
 # product) where the delta layer's returns factors; callers use the protocol's Optional result
 class DoRALayer(DoRAMagnitude, LoRALayer):  # type: ignore[misc]  # see above
-    """DoRA over a LoRA delta ``s * B @ A``. See :class:`DoRA`."""
+    """DoRA over a LoRA delta ``s * B @ A``. See [`DoRA`][lightning_lowrank.DoRA]."""
 
 
 class DoRASingLoRALayer(DoRAMagnitude, SingLoRALayer):  # type: ignore[misc]  # see above
-    """DoRA over a SingLoRA delta ``s * u(t) * A[:out] @ A[:in].T``. See :class:`DoRA`."""
+    """DoRA over a SingLoRA delta ``s * u(t) * A[:out] @ A[:in].T``. See [`DoRA`][lightning_lowrank.DoRA]."""
 
 
 _DELTA_LAYERS: dict[str, type[AdapterLayer]] = {"lora": DoRALayer, "singlora": DoRASingLoRALayer}

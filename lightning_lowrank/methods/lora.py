@@ -72,7 +72,7 @@ class LoRA(AdapterConfig):
 
 
 class LoRALayer(AdapterLayer):
-    """A base layer plus ``s * B @ A``. See :class:`LoRA`."""
+    """A base layer plus ``s * B @ A``. See [`LoRA`][lightning_lowrank.LoRA]."""
 
     config: LoRA
 

@@ -10,7 +10,7 @@ On a square layer this is the symmetric ``s * u(t) * A @ A.T``: half of LoRA's p
 same rank. ``t`` counts OPTIMIZER steps; it lives in the persistent buffer ``step`` so checkpoints
 and adapter files carry it. ``LowRankCallback`` advances it once per optimizer step (gradient
 accumulation and validation never do); without a Trainer call ``layer.set_step(t)`` or
-:func:`lightning_lowrank.set_step`. ``u(0) = 0`` makes the adapted model equal the base at step 0
+[`set_step`][lightning_lowrank.set_step]. ``u(0) = 0`` makes the adapted model equal the base at step 0
 while ``A`` itself is random: ``A = 0`` would receive a zero gradient forever.
 """
 
@@ -74,7 +74,7 @@ def ramp(step: Tensor, ramp_steps: int) -> Tensor:
 
 
 class SingLoRALayer(AdapterLayer):
-    """A base layer plus ``s * u(t) * A[:out] @ A[:in].T``. See :class:`SingLoRA`.
+    """A base layer plus ``s * u(t) * A[:out] @ A[:in].T``. See [`SingLoRA`][lightning_lowrank.SingLoRA].
 
     ``config`` may be any config with ``rank``, ``alpha``, ``scaling`` and ``ramp_steps`` (DoRA
     reuses this layer as its low-rank part).

@@ -13,10 +13,10 @@ point (every weight is zero, and stacked zero layers pass no gradient).
 
 No sparse kernels: ``x @ S.T`` scatters the values into a dense ``(out, in)`` temporary for one
 matmul, and the values' gradient is the dense weight gradient ``grad_y.T @ x`` gathered at the
-support (:class:`SparseLinearFunction`). ``S`` is rebuilt in backward rather than kept alive.
+support (``SparseLinearFunction``). ``S`` is rebuilt in backward rather than kept alive.
 The low-rank part runs factored, ``s * (x @ A.T) @ B.T``, as in LoRA.
 
-Pre-training mode (``SLTrain(mode="pretrain")``, or :func:`lightning_lowrank.sltrain_pretrain`) removes the base
+Pre-training mode (``SLTrain(mode="pretrain")``, or [`sltrain_pretrain`][lightning_lowrank.sltrain_pretrain]) removes the base
 layer's dense weight parameter: only ``A``, ``B``, the sparse values (and the bias) train, and the
 memory of a dense weight, its gradient and its optimizer state is never spent. ``merge`` / ``unload``
 materialise ``s * B @ A + S`` as a plain weight again.
@@ -62,7 +62,7 @@ class SLTrain(AdapterConfig):
         seed: seed of the sparse supports (combined with each layer's name).
         scaling: ``"standard"`` (``s = alpha / r``) or ``"rslora"`` (``s = alpha / sqrt(r)``).
         mode: ``"adapter"`` (over a frozen base weight) or ``"pretrain"`` (replaces the dense
-            weight; see :func:`lightning_lowrank.sltrain_pretrain`).
+            weight; see [`sltrain_pretrain`][lightning_lowrank.sltrain_pretrain]).
         train_a: ``False`` freezes A after initialisation (LoRA-FA style, adapter mode).
     """
 
@@ -170,7 +170,7 @@ def _scatter(values: Tensor, indices: Tensor, out_features: int, in_features: in
 
 class SLTrainLayer(AdapterLayer):
     """A base layer (or, in pre-training mode, no dense weight) plus ``s * B @ A + S``.
-    See :class:`SLTrain`."""
+    See [`SLTrain`][lightning_lowrank.SLTrain]."""
 
     config: SLTrain
     sparse_index: Tensor

@@ -15,7 +15,7 @@ the update's rank is then simply at most ``min(out, in)``.
 
 The forward pass takes whichever of two exact orders costs fewer multiply-adds for the input at
 hand: the factored ``base(x) + ((x @ A.T) * d) @ B.T * b``, or, on a plain linear layer with
-enough tokens, the effective weight ``W0 + dW`` (:class:`VeRALinear`). The factored order costs
+enough tokens, the effective weight ``W0 + dW`` (``VeRALinear``). The factored order costs
 ``2 T r (in + out)`` multiply-adds per call of ``T`` tokens (forward and backward through two
 ``r``-wide products); the effective-weight order costs ``out r in + T r (in + out)``: one
 ``(out, in)`` product, the base matmuls run on ``W`` instead of ``W0``, and the gradients of ``d``
@@ -23,7 +23,7 @@ and ``b`` come from ``C = g^T (x A^T)``:
 
     dL/db_i = sum_k B_ik d_k C_ik,    dL/dd_k = sum_i b_i B_ik C_ik.
 
-It is cheaper when ``T (in + out) > out in`` (:func:`vera_prefers_dense`), which the layer checks
+It is cheaper when ``T (in + out) > out in`` (``vera_prefers_dense``), which the layer checks
 on every call. Both orders are exact; ``tests/methods/test_fused.py`` checks values and gradients.
 """
 
@@ -140,7 +140,7 @@ class SharedProjection(nn.Module):
 
 
 def kaiming_uniform_generated(t: Tensor, generator: torch.Generator) -> Tensor:
-    """:func:`kaiming_uniform_` (``a = sqrt(5)``) drawing from ``generator``."""
+    """``kaiming_uniform_`` (``a = sqrt(5)``) drawing from ``generator``."""
     return nn.init.kaiming_uniform_(t, a=5**0.5, generator=generator)
 
 
@@ -201,7 +201,7 @@ class VeRALinear(torch.autograd.Function):
 def vera_linear(
     x: Tensor, w0: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, d: Tensor, lam_b: Tensor
 ) -> Tensor:
-    """:class:`VeRALinear` with the base weight ``w0`` as ``(out, in)``; without autograd, one
+    """``VeRALinear`` with the base weight ``w0`` as ``(out, in)``; without autograd, one
     dense matmul."""
     if not torch.is_grad_enabled():
         return F.linear(x, vera_weight(w0, a, b, d, lam_b), bias)
@@ -210,7 +210,7 @@ def vera_linear(
 
 
 class VeRALayer(AdapterLayer):
-    """A base layer plus ``diag(b) B[:out] diag(d) A[:, :in]``. See :class:`VeRA`."""
+    """A base layer plus ``diag(b) B[:out] diag(d) A[:, :in]``. See [`VeRA`][lightning_lowrank.VeRA]."""
 
     def __init__(self, base: nn.Module, config: VeRA, shared: SharedProjection) -> None:
         super().__init__(base, config)

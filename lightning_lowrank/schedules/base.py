@@ -75,8 +75,8 @@ class Schedule:
         return False
 
     def state_dict(self) -> dict[str, Any]:
-        """What a resumed run needs to continue exactly; saved under :attr:`state_key`."""
+        """What a resumed run needs to continue exactly; saved under ``state_key``."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
+        """Restore what ``state_dict`` returned."""

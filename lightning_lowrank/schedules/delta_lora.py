@@ -19,7 +19,7 @@ Two equivalent forms (``mode``):
   ``lambda * (dW_t - dW_K) x`` with the factors detached (the adapter's gradient is exactly the
   in-place form's, and the input still gets the gradient of the full effective weight).
 
-Either way each layer carries a :class:`DeltaLoRABase` extension whose persistent buffers hold
+Either way each layer carries a ``DeltaLoRABase`` extension whose persistent buffers hold
 ``dW_K`` (as factors, or dense for methods without factors). Adapter files and checkpoints therefore
 carry what rebuilds the trained model from the ORIGINAL base: ``load_adapter`` on a fresh base
 model restores the implicit form, which gives the same outputs as the trained in-place model.
@@ -188,7 +188,7 @@ class DeltaLoRA(Schedule):
     Pass it to the callback:
     ``LowRankCallback(LoRA(rank=8, alpha=16), schedules=[DeltaLoRA(scale=2.0, start_step=500)])``.
     It works over every method whose layers use the generic forward and merge of
-    :class:`~lightning_lowrank.methods.base.AdapterLayer` (LoRA, LoRA-FA, SingLoRA, ...);
+    [`AdapterLayer`][lightning_lowrank.AdapterLayer] (LoRA, LoRA-FA, SingLoRA, ...);
     methods with ``low_rank_factors()`` get the cheap rank-``2k`` update, others a dense one.
 
     Args:

@@ -13,7 +13,7 @@ and the triplet score of rank slot ``i`` of a layer is
 
 With ``b0 = init_rank * L`` and ``bT = target_rank * L`` slots over ``L`` layers and ``T`` total
 steps, the budget (total kept slots) is by default the paper's cubic schedule
-(:func:`~lightning_lowrank.schedules.adalora.budget.cubic_budget`)
+([`cubic_budget`][lightning_lowrank.schedules.adalora.budget.cubic_budget])
 
     b(t) = b0                                                        t <= t_init
     b(t) = int(bT + (b0 - bT) * (1 - (t - t_init) / (T - t_final - t_init))^3)
@@ -21,7 +21,7 @@ steps, the budget (total kept slots) is by default the paper's cubic schedule
     b(t) = bT                                                        t > T - t_final
 
 and any other ``b(t)`` can be passed as ``RankAllocator(budget=...)`` (a number or a callable of
-the step, resolved at every optimizer step; see :mod:`lightning_lowrank.schedules.adalora.budget`).
+the step, resolved at every optimizer step; see [`lightning_lowrank.schedules.adalora.budget`][lightning_lowrank.schedules.adalora.budget]).
 
 The phases come from the config whatever the budget: no masking while ``t <= t_init``; while
 ``t_init < t <= T - t_final``, every ``delta_t`` steps the ``b(t)`` slots with the highest triplet
@@ -88,20 +88,20 @@ class RankAllocator(Schedule):
     """AdaLoRA's importance scores, budget schedule and global soft masking. See the module
     docstring.
 
-    ``LowRankCallback`` adds one automatically when its method is :class:`AdaLoRA` and none is in
+    ``LowRankCallback`` adds one automatically when its method is [`AdaLoRA`][lightning_lowrank.AdaLoRA] and none is in
     its ``schedules``; pass your own to change the budget, e.g.
     ``LowRankCallback(AdaLoRA(...), schedules=[RankAllocator(budget=my_budget)])``. Without a
-    Trainer call :meth:`setup` once, then per optimizer step :meth:`before_optimizer_step` (after
-    ``backward``) and :meth:`after_optimizer_step` (after ``optimizer.step()``, before
+    Trainer call ``setup`` once, then per optimizer step ``before_optimizer_step`` (after
+    ``backward``) and ``after_optimizer_step`` (after ``optimizer.step()``, before
     ``zero_grad``).
 
     Args:
         config: the AdaLoRA config (schedule knobs, ``orth_reg`` and optionally ``total_steps``);
-            ``None`` takes the config the layers were built with, at :meth:`setup`.
+            ``None`` takes the config the layers were built with, at ``setup``.
         budget: the kept rank slots ``b(t)`` over all layers: ``None`` for the paper's cubic
             schedule, a number of slots (``int``), a fraction of the initial slots (``float`` in
             ``[0, 1]``), or a callable of the optimizer step returning either, resolved at every
-            optimizer step (see :mod:`lightning_lowrank.schedules.adalora.budget`).
+            optimizer step (see [`lightning_lowrank.schedules.adalora.budget`][lightning_lowrank.schedules.adalora.budget]).
 
     Raises:
         TypeError: ``budget`` is not ``None``, a number or a callable.
@@ -193,7 +193,7 @@ class RankAllocator(Schedule):
 
     # --- the algorithm ----------------------------------------------------------------------
     def budget(self, step: int) -> tuple[int, bool]:
-        """``(b(t), whether to mask at step t)``; see the module docstring.
+        """``(b(t), whether to mask at step t)``; see [the allocator's description][lightning_lowrank.schedules.adalora.allocator].
 
         ``b(t)`` is the ``budget`` argument resolved at ``step`` (the cubic schedule by default);
         whether to mask follows the config's phases: never while ``t <= t_init``, every

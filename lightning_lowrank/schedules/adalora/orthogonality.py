@@ -22,7 +22,7 @@ def adalora_layers(layers: dict[str, AdapterLayer]) -> dict[str, AdaLoRALayer]:
     """The same mapping, checked to hold only AdaLoRA layers.
 
     Raises:
-        TypeError: a layer is not an :class:`AdaLoRALayer`, naming up to three of them.
+        TypeError: a layer is not an ``AdaLoRALayer``, naming up to three of them.
     """
     wrong = [n for n, layer in layers.items() if not isinstance(layer, AdaLoRALayer)]
     if wrong:
@@ -44,7 +44,7 @@ def orthogonality_loss(layers: dict[str, AdapterLayer], gamma: float) -> Tensor:
     """``gamma * mean over matrices of ||Q Q^T - I||_F and ||P^T P - I||_F``, differentiable.
 
     For plain training loops; inside a Trainer the allocator adds the gradient of this term itself
-    (:func:`add_orthogonality_grad`), so do not add it to the loss there as well.
+    (``add_orthogonality_grad``), so do not add it to the loss there as well.
     """
     mats = _factors(adalora_layers(layers))
     if not mats:
@@ -59,7 +59,7 @@ def orthogonality_loss(layers: dict[str, AdapterLayer], gamma: float) -> Tensor:
 
 @torch.no_grad()
 def add_orthogonality_grad(layers: dict[str, AdapterLayer], gamma: float) -> None:
-    """Add the gradient of :func:`orthogonality_loss` to the ``.grad`` of every P and Q.
+    """Add the gradient of ``orthogonality_loss`` to the ``.grad`` of every P and Q.
 
     For ``G = Q Q^T - I`` the gradient of ``||G||_F`` with respect to ``Q`` is ``2 G Q / ||G||_F``
     (``2 P G / ||G||_F`` with ``G = P^T P - I`` for P); each is scaled by ``gamma / n``, ``n`` the

@@ -88,7 +88,7 @@ class LoRADrop(Schedule):
             the sampling phase, or ``"fresh"`` (the method's own initialisation, seeded by ``seed``).
         seed: seed of the ``"fresh"`` initialisation (identical on every rank).
         log_table: hand the selection table to the callback (which logs it on rank zero) at the
-            switch; :meth:`report` gives it at any time.
+            switch; ``report`` gives it at any time.
     """
 
     def __init__(
@@ -272,7 +272,7 @@ class LoRADrop(Schedule):
         return report_table(self.importance, role, header)
 
     def plot(self, ax: Any = None) -> Any:
-        """Bar chart of the normalised importance per layer with the cut-off; see :func:`plot_importance`."""
+        """Bar chart of the normalised importance per layer with the cut-off; see ``plot_importance``."""
         return plot_importance(self.normalised_importance(), self.selected, self.threshold, ax=ax)
 
     # --- checkpoints --------------------------------------------------------------------------

@@ -3,14 +3,14 @@
 Nothing is created, removed or (un)frozen: the model may already be wrapped by DDP.
 
 - *share*: in each shape group the first layer (model order) is the host; every other member is
-  tied to it (:meth:`AdapterLayer.share_adapter`): it computes with the host's ``Parameter``
+  tied to it ([`AdapterLayer.share_adapter`][lightning_lowrank.AdapterLayer.share_adapter]): it computes with the host's ``Parameter``
   objects, read at every use, so autograd sums the gradients of all uses into the host (one
   accumulation per backward, hence one DDP all-reduce) and a device, dtype or FSDP2 move keeps
   the sharing. The members' own parameters stay registered and idle.
 - *drop*: the unselected layers are disabled (``layer.disabled = True``): base output, zero
   delta, nothing merged.
 - Idle parameters get an exact zero gradient from the forward (``methods/state.py``: DDP's
-  reducer sees every parameter it was built with); :func:`clear_idle_gradients` sets them to
+  reducer sees every parameter it was built with); ``clear_idle_gradients`` sets them to
   ``None`` before each optimizer step so the optimizer (and weight decay) leaves them alone.
 - The optimizer state of every unselected layer's parameters is cleared at the switch: the
   shared tensor starts with fresh moments.
