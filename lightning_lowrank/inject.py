@@ -238,7 +238,7 @@ def attach(
 
     A base weight tied to another module (GPT-2's ``wte`` and ``lm_head``) is recorded in the
     layer's ``tied_with``: merging or updating it in place first gives the layer its own copy
-    (:meth:`~lightning_lowrank.methods.base.AdapterLayer.own_base_weight`), so the other module
+    (``own_base_weight``), so the other module
     keeps computing with the original weight, as it does while the adapter is unmerged."""
     train_names = _matched_train_modules(model, train_modules)  # before anything changes
     for name, layer in layers.items():
@@ -268,9 +268,9 @@ def _iter_layers(model: nn.Module) -> Iterator[AdapterLayer]:
 def merge(model: nn.Module) -> None:
     """Fold every adapter's delta into its base weight (inference runs at the base model's cost).
 
-    Every layer is checked first (:meth:`~AdapterLayer.check_merge`): if one would put non-finite
+    Every layer is checked first (``check_merge``): if one would put non-finite
     values into its base weight, a ``ValueError`` is raised and no layer is merged. A tied base
-    weight gets its own copy first (see :func:`attach`), and a transformers config that declares
+    weight gets its own copy first (see ``attach``), and a transformers config that declares
     the tie (``tie_word_embeddings``) is updated, so ``save_pretrained`` writes both weights."""
     layers = list(_iter_layers(model))
     for layer in layers:
@@ -308,7 +308,7 @@ def set_step(model: nn.Module, step: int) -> None:
 def unload(model: nn.Module) -> nn.Module:
     """Merge every adapter and put the plain base layers back. Returns ``model``.
 
-    As in :func:`merge`, every layer is checked before any is changed, and tied weights are
+    As in ``merge``, every layer is checked before any is changed, and tied weights are
     untied (the config too), so the unloaded model computes what the adapted one did."""
     layers = adapter_layers(model)
     for layer in layers.values():

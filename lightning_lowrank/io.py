@@ -207,7 +207,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
     """Load an adapter file into ``model``.
 
     If the model has no adapters yet, they are injected first from the file's method config and
-    layer names (resolved relative to the model's root, see :mod:`lightning_lowrank.names`).
+    layer names (resolved relative to the model's root, see ``names``).
     Into existing adapters the file loads only when they were built as the file says (same
     method config and per-layer facts) and are not merged. Everything is checked first, on
     stand-in layers that hold no memory (``meta`` tensors), so a refused file changes nothing
@@ -265,7 +265,7 @@ SIZE_FACTS = ("rank", "pair_in", "pair_out")
 
 def _check_sizes(model: nn.Module, meta: dict[str, Any], path: Path) -> None:
     """Sizes in the metadata that the file's tensors do not show (VeRA's pair) are bounded by the
-    model before anything is allocated; the others are checked on stand-ins (:func:`_build`)."""
+    model before anything is allocated; the others are checked on stand-ins (``_build``)."""
     widest = max((max(layer_shape(m)) for m in model.modules() if layer_kind(m)), default=0)
     for name, facts in meta["layers"].items():
         for key in SIZE_FACTS:

@@ -1,6 +1,6 @@
 """Checks of an adapter file's JSON metadata before anything is built from it.
 
-An adapter file's metadata (see :mod:`lightning_lowrank.io`) is decoded and its structure checked
+An adapter file's metadata (see ``io``) is decoded and its structure checked
 here, so that a malformed or foreign file gets one clear ``ValueError`` ("written by a newer
 version?") instead of a ``TypeError``, ``KeyError`` or ``RecursionError`` from deep inside the
 loader:
@@ -9,7 +9,7 @@ loader:
 - ``layers``: layer name -> object of scalar per-layer facts;
 - ``extensions``: layer name -> object with a string ``name`` and scalar facts;
 - ``shared``: layer name -> layer name;
-- ``extra``: any JSON object (scheduled methods' state), nested at most :data:`MAX_DEPTH` deep.
+- ``extra``: any JSON object (scheduled methods' state), nested at most ``MAX_DEPTH`` deep.
 """
 
 from __future__ import annotations

@@ -276,7 +276,7 @@ class AdapterLayer(LayerState, nn.Module):
 
     @torch.no_grad()
     def merged_weight(self) -> Tensor:
-        """The ``(out, in)`` weight :meth:`merge` would write; a ``ValueError`` if any value is
+        """The ``(out, in)`` weight ``merge`` would write; a ``ValueError`` if any value is
         non-finite in the base's own dtype (float16 overflows where the delta does not)."""
         w = weight_oi(self.base)
         merged = w + self.merged_delta().to(w.dtype)
@@ -289,7 +289,7 @@ class AdapterLayer(LayerState, nn.Module):
         return merged
 
     def check_merge(self) -> None:
-        """Raise what :meth:`merge` would raise, changing nothing (``merge(model)`` checks all)."""
+        """Raise what ``merge`` would raise, changing nothing (``merge(model)`` checks all)."""
         if not self.merged:
             self.merged_weight()
 
