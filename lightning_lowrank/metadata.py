@@ -83,7 +83,7 @@ def _check_facts(entry: str, value: Any, path: Path | str) -> None:
 
 
 def parse_metadata(raw: dict[str, str], path: Path | str) -> dict[str, Any]:
-    """Decode and check the metadata entries of an adapter file (see the module docstring).
+    """Decode and check the metadata entries of an adapter file (entries as listed at the top of this module).
 
     Raises:
         MetadataError: an entry is missing, not JSON, too deep or of the wrong shape.
