@@ -4,7 +4,8 @@ The callback is a thin Lightning layer over ``inject``, ``optim`` and ``schedule
 
 - ``setup``: builds the module's layers if it uses ``configure_model`` (which must be idempotent),
   injects the adapters and freezes the base, before the strategy wraps the model and before
-  ``configure_optimizers`` runs;
+  ``configure_optimizers`` runs; under ``ModelParallelStrategy`` it then shards the model with
+  FSDP2 (``shard.py``);
 - ``on_fit_start``: splits the optimizer into LoRA+ groups when ``lr_ratio`` is set (before any
   optimizer state is restored, so resumed states line up);
 - once per optimizer step (never per micro-batch): tells every layer the step count (SingLoRA's
@@ -31,6 +32,12 @@ from lightning_lowrank.inject import adapter_layers, inject, trainable_parameter
 from lightning_lowrank.methods.base import AdapterConfig, AdapterLayer
 from lightning_lowrank.optim import split_optimizer
 from lightning_lowrank.schedules import RankAllocator, Schedule, default_schedules
+from lightning_lowrank.shard import (
+    ParallelizeFn,
+    check_shardable,
+    check_strategy,
+    shard_model,
+)
 
 
 class LowRankCallback(Callback):
@@ -56,6 +63,12 @@ class LowRankCallback(Callback):
             base model); resume then loads non-strictly for exactly those keys.
         total_steps: total optimizer steps for schedules that need it; by default the Trainer's
             ``estimated_stepping_batches``.
+        shard_blocks: under ``ModelParallelStrategy``: the classes (or class names) of the blocks
+            that get one FSDP2 group each; default: a transformers model's ``_no_split_modules``,
+            else the entries of the longest ``nn.ModuleList`` (``shard.block_modules``).
+        parallelize: under ``ModelParallelStrategy``: ``parallelize(pl_module, mesh)`` shards the
+            adapted model instead of the default (it must shard, with ``fully_shard``, every
+            module whose forward is called).
     """
 
     def __init__(
@@ -69,6 +82,8 @@ class LowRankCallback(Callback):
         schedules: Sequence[Schedule] = (),
         save_adapter_only: bool = True,
         total_steps: int | None = None,
+        shard_blocks: Sequence[type | str] | None = None,
+        parallelize: ParallelizeFn | None = None,
     ) -> None:
         if not isinstance(method, AdapterConfig):
             raise TypeError(
@@ -88,17 +103,24 @@ class LowRankCallback(Callback):
         self.schedules: list[Schedule] = everything
         self.save_adapter_only = save_adapter_only
         self.total_steps = total_steps
+        self.shard_blocks = shard_blocks
+        self.parallelize = parallelize
         self.layers: dict[str, AdapterLayer] = {}
         self._module: pl.LightningModule | None = None
         self._last_step = 0
+        self._init_from_base = False
+        self._restore_hook: Any = None
+        self._sharded = False
 
     # --- setup ------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
+        sharded = check_strategy(trainer.strategy)  # refuses FSDP1 and tensor parallelism
+        if not sharded and not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
             raise ValueError(
-                f"LowRankCallback supports single-device and DDP strategies, not "
-                f"{type(trainer.strategy).__name__}: use strategy='ddp' (or 'auto' on one device)"
+                f"LowRankCallback supports single-device, DDP and ModelParallelStrategy (FSDP2), "
+                f"not {type(trainer.strategy).__name__}: use strategy='ddp' (or 'auto' on one "
+                "device), or ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)"
             )
         if self._module is pl_module and self.layers:
             return  # a later trainer.fit/validate/test on the same module: already injected
@@ -110,7 +132,9 @@ class LowRankCallback(Callback):
         if is_overridden("configure_model", pl_module):
             # Lightning calls configure_model after this hook; layers must exist to be adapted,
             # so it is called here first (it must be idempotent, as Lightning requires anyway)
-            pl_module.configure_model()
+            _configure_model(trainer, pl_module, sharded)
+        if sharded:
+            check_shardable(pl_module, self.parallelize)
         names = inject(
             pl_module,
             self.method,
@@ -120,12 +144,19 @@ class LowRankCallback(Callback):
         )
         self._module = pl_module
         self.layers = {n: cast(AdapterLayer, pl_module.get_submodule(n)) for n in names}
+        # built on the meta device: Lightning materialises it in strategy.setup, resetting each
+        # base after its adapter layer, so base-dependent adapter init waits for on_fit_start
+        self._init_from_base = any(p.is_meta for p in pl_module.parameters())
         if self.save_adapter_only:
             pl_module.strict_loading = False
         total = self.total_steps if self.total_steps is not None else _estimated_steps(trainer)
         for schedule in self.schedules:
             schedule.setup(pl_module, self.layers, total)
         self._log_messages()
+        self._sharded = sharded
+        if sharded:
+            mesh = trainer.strategy.device_mesh["data_parallel"]
+            shard_model(pl_module, mesh, self.shard_blocks, self.parallelize)
         rank_zero_info(
             f"LowRankCallback: {type(self.method).__name__} on {len(names)} layers, "
             f"{trainable_parameter_count(pl_module):,} trainable parameters"
@@ -133,6 +164,18 @@ class LowRankCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.save_adapter_only and self._sharded:
+            # ModelParallelStrategy restores a checkpoint after this hook, loading every key of
+            # the model's state_dict; an adapter-only checkpoint has no frozen ones, so until
+            # on_train_start (restore done) the state_dict leaves them out
+            drop = self._droppable_keys(pl_module)
+            self._restore_hook = pl_module.register_state_dict_post_hook(
+                lambda module, state, prefix, meta: _drop_keys(state, drop, prefix)
+            )
+        if self._init_from_base:
+            self._init_from_base = False
+            for layer in self.layers.values():
+                layer.init_from_base()
         if self.lr_ratio is None:
             return
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
@@ -150,6 +193,9 @@ class LowRankCallback(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._restore_hook is not None:  # the checkpoint has been restored
+            self._restore_hook.remove()
+            self._restore_hook = None
         # after checkpoint restore: a resumed run continues from the restored step
         self._last_step = trainer.global_step
         for layer in self.layers.values():
@@ -223,8 +269,8 @@ class LowRankCallback(Callback):
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        if not self.save_adapter_only:
-            return
+        if not self.save_adapter_only or "state_dict" not in checkpoint:
+            return  # ModelParallelStrategy has loaded (and removed) the state dict already
         stored = set(checkpoint["state_dict"])
         expected = set(pl_module.state_dict())
         missing = expected - stored - self._droppable_keys(pl_module)
@@ -287,6 +333,25 @@ def _check_schedules(method: AdapterConfig, schedules: list[Schedule]) -> None:
                 "pass RankAllocator(budget=...) without a config (it takes the method's), or "
                 "the same AdaLoRA config to both"
             )
+
+
+def _configure_model(trainer: pl.Trainer, pl_module: pl.LightningModule, sharded: bool) -> None:
+    if not sharded:
+        pl_module.configure_model()
+        return
+    # the contexts Lightning's own call uses (precision's default dtype, empty init)
+    strategy = trainer.strategy
+    with (
+        strategy.tensor_init_context(),
+        strategy.model_sharded_context(),
+        trainer.precision_plugin.module_init_context(),
+    ):
+        pl_module.configure_model()
+
+
+def _drop_keys(state: dict[str, Any], drop: set[str], prefix: str) -> None:
+    for key in [k for k in state if k[len(prefix) :] in drop]:
+        del state[key]
 
 
 def _owning_layer(name: str, layers: dict[str, AdapterLayer]) -> str | None:

@@ -33,6 +33,7 @@ from lightning_lowrank.methods.base import (
     AdapterLayer,
     LayerExtension,
 )
+from lightning_lowrank.shard import needs_gather, on_rank_zero
 from lightning_lowrank.sharing import (
     check_shared,
     freeze_idle,
@@ -82,7 +83,12 @@ def save_adapter(
 
     Returns:
         The path written.
+
+    On a model sharded with FSDP2, every rank must call it: the adapter is gathered and global
+    rank 0 writes the file (the same file one process writes).
     """
+    if needs_gather(model):
+        return on_rank_zero(model, lambda: save_adapter(model, path, extra, truncate))
     path = Path(path)
     layers = stored_layers(adapter_layers(model))  # disabled layers (LoRA-drop) are left out
     method = model_method(model)

@@ -203,6 +203,42 @@ class AdapterLayer(LayerState, nn.Module):
         parts (all but AdaLoRA) return their full state."""
         return self.adapter_state_dict(), self.layer_metadata()
 
+    def initial_state(self) -> dict[str, Tensor]:
+        """The adapter's initial tensors (full shapes, plain tensors), drawn as ``__init__`` draws
+        them; keyed like :meth:`adapter_state_dict`, non-persistent buffers included. Used by
+        :meth:`reset_parameters`; the default is empty (nothing to re-draw)."""
+        return {}
+
+    def init_from_base(self) -> None:  # noqa: B027 - optional hook
+        """Set the adapter tensors that depend on the base weight's values (DoRA's magnitude)
+        from the current base. No-op for methods whose init ignores the base. Call it after the
+        base weights change under a fresh adapter (a meta-device model once materialised or
+        loaded: Lightning resets the base after this layer, so the callback calls it then)."""
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Re-draw the adapter's initial values (A as the method's paper says, B zero, ...).
+
+        Lightning calls this when it materialises a model built on the meta device
+        (``to_empty()``, then ``reset_parameters()`` on every module with tensors); the base
+        layer is left to its own ``reset_parameters``. A DTensor shard receives its part of one
+        full draw, so a sharded model starts as one process would.
+        """
+        for name, value in self.initial_state().items():
+            fill_(self.get_submodule_tensor(name), value)
+
+    def get_submodule_tensor(self, name: str) -> Tensor:
+        """The parameter or buffer called ``name`` (dotted, relative to this layer)."""
+        owner, _, leaf = name.rpartition(".")
+        module = self.get_submodule(owner) if owner else self
+        return getattr(module, leaf)
+
+    def _empty(self, *shape: int) -> Tensor:
+        """An uninitialised tensor on this layer's device and dtype, for :meth:`initial_state`
+        (the local device of a sharded base; values on the meta device are never filled)."""
+        w = self.base.weight
+        return torch.empty(*shape, dtype=w.dtype, device=w.device)
+
     # --- generic behaviour ------------------------------------------------------------------
     def adapter_parameter_names(self) -> list[str]:
         return [n for n, _ in self.named_parameters() if not n.startswith("base.")]
@@ -372,6 +408,23 @@ def embed_or_linear(layer: AdapterLayer, x: Tensor, a: Tensor) -> Tensor:
         # adapter factor in place, so it is not forwarded
         return F.embedding(x, a.t(), padding_idx=base.padding_idx)
     return F.linear(x, a)
+
+
+def fill_(target: Tensor, value: Tensor) -> None:
+    """Copy the full tensor ``value`` into ``target``: a plain tensor, or a DTensor that receives
+    its own shard (scattered from rank 0, so every rank agrees). Meta tensors are left as they
+    are (a model not yet materialised has no values to fill)."""
+    if target.is_meta or value.is_meta:
+        return
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(value, DTensor):
+        value = value.full_tensor()
+    if isinstance(target, DTensor):
+        value = value.to(device=target.device, dtype=target.dtype)
+        target.copy_(distribute_tensor(value, target.device_mesh, target.placements))
+    else:
+        target.copy_(value)
 
 
 def kaiming_uniform_(t: Tensor) -> Tensor:

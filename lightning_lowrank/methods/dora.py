@@ -123,6 +123,23 @@ class DoRAMagnitude:
             )
         return factors
 
+    def initial_state(self) -> dict[str, Tensor]:
+        state = super().initial_state()  # type: ignore[misc]
+        state["magnitude"] = self._base_norm()
+        return state
+
+    @torch.no_grad()
+    def init_from_base(self) -> None:
+        """``m = ||W0||_row`` from the current base weight (DoRA's init, paper Sec. 4.1)."""
+        from lightning_lowrank.methods.base import fill_
+
+        fill_(self.magnitude, self._base_norm())
+
+    def _base_norm(self) -> Tensor:
+        # on a sharded base, a row-sharded norm: fill_ gathers it
+        w0 = weight_oi(self.base).detach()
+        return torch.linalg.vector_norm(w0, dim=1, dtype=_compute_dtype(w0.dtype)).to(w0.dtype)
+
     def low_rank_factors(self) -> None:
         """None: DoRA's update ``m * V / ||V|| - W0`` is not a low-rank product (the delta under
         the magnitude is, see :meth:`direction_factors`)."""
