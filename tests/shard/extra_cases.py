@@ -113,7 +113,7 @@ def meta_init(out: Path, rank: int | None) -> dict[str, Any]:
     """A model built on the meta device: the adapters' values once Lightning materialises it."""
     import lightning as L
 
-    from lightning_lowrank import AdaLoRA, DoRA, LoRA, SLTrain, VeRA, adapter_state_dict
+    from lightning_lowrank import DoRA, LoRA, SLTrain, VeRA, adapter_state_dict
     from lightning_lowrank.shard import gathered
 
     class Snapshot(L.Callback):
@@ -133,9 +133,6 @@ def meta_init(out: Path, rank: int | None) -> dict[str, Any]:
         "dora": DoRA(rank=4, alpha=8),
         "vera": VeRA(rank=8),
         "sltrain": SLTrain(rank=4, alpha=8, density=0.05),
-        "adalora": AdaLoRA(
-            init_rank=4, target_rank=2, t_init=2, t_final=2, delta_t=1, total_steps=10
-        ),
     }.items():
         from lightning_lowrank import LowRankCallback
 
@@ -152,9 +149,37 @@ def meta_init(out: Path, rank: int | None) -> dict[str, Any]:
     return results
 
 
+def refuse_sharded(out: Path, rank: int | None) -> str:
+    """A model that ``configure_model`` already sharded: the callback refuses it unchanged."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from lightning_lowrank import LoRA, LowRankCallback, adapter_layers
+
+    class PreSharded(common.TinyLM):
+        def configure_model(self) -> None:
+            if self.model is None:
+                super().configure_model()
+                fully_shard(self.model, mesh=init_device_mesh("cpu", (common.WORLD,)))
+
+    strategy = ModelParallelStrategy(data_parallel_size=common.WORLD, tensor_parallel_size=1)
+    fake = SimpleNamespace(strategy=strategy, precision_plugin=strategy.precision_plugin)
+    module = PreSharded()
+    try:
+        LowRankCallback(LoRA(rank=2)).setup(fake, module, "fit")
+    except ValueError as exc:
+        assert not adapter_layers(module), "a refused setup injected adapters"
+        return str(exc)
+    raise AssertionError("an already sharded model was accepted")
+
+
 EXTRA = {
     "save_files": save_files,
     "resume_file": resume_file,
     "resume_dcp": resume_dcp,
     "meta_init": meta_init,
+    "refuse_sharded": refuse_sharded,
 }
