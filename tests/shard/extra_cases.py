@@ -122,7 +122,9 @@ def meta_init(out: Path, rank: int | None) -> dict[str, Any]:
 
         def on_fit_start(self, trainer, pl_module):
             with gathered(pl_module):
-                self.state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+                # named_parameters: between on_fit_start and on_train_start the callback keeps
+                # frozen weights out of state_dict (for the strategy's checkpoint restore)
+                self.state = {k: v.detach().clone() for k, v in pl_module.named_parameters()}
                 self.adapter = {
                     k: v.detach().clone() for k, v in adapter_state_dict(pl_module).items()
                 }

@@ -82,7 +82,8 @@ def test_two_ranks_equal_one_process(sharded, single, case):
     for key, value in want.items():
         torch.testing.assert_close(got[key], value, rtol=0, atol=ATOL, msg=key)
     trained = [k for k in want if "lora_B" in k or "lambda_b" in k or "sparse_values" in k]
-    assert any(want[k].abs().max() > 1e-3 for k in trained)  # the adapters moved
+    if trained:  # the adapters moved (SingLoRA has no zero-initialised factor to check)
+        assert any(want[k].abs().max() > 1e-3 for k in trained)
     # schedule state (AdaLoRA's masks, LoRA-drop's selections): identical on every rank and
     # equal to one process
     assert _same(facts[0], facts[1])
@@ -111,9 +112,14 @@ def test_files_from_sharded_model_equal_one_process(sharded, single):
     facts = _result(sharded, "save_files")
     assert all(f == {"sharded": True, "still_sharded": True} for f in facts)
     extra_cases.save_files(single, None)
-    for name in ("save_{}.safetensors", "merged_{}.safetensors"):
-        a, b = out / name.format("sharded"), single / name.format("single")
-        assert a.read_bytes() == b.read_bytes(), name
+    # an adapter file: the same tensors, bit for bit, and the same metadata (safetensors writes
+    # metadata entries in a per-process hash order, so the bytes of the header may differ)
+    got, got_meta = read_adapter(out / "save_sharded.safetensors")
+    want, want_meta = read_adapter(single / "save_single.safetensors")
+    assert got_meta == want_meta and set(got) == set(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    merged = out / "merged_sharded.safetensors"
+    assert merged.read_bytes() == (single / "merged_single.safetensors").read_bytes()
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         a, b = out / "peft_sharded" / name, single / "peft_single" / name
         assert a.read_bytes() == b.read_bytes(), name
