@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from lightning_lowrank.methods.fused import fusable, low_rank_linear
 
 # layer_kind, layer_shape and weight_oi are re-exported: they were defined here first
-from lightning_lowrank.methods.layers import layer_kind, layer_shape, weight_oi
+from lightning_lowrank.methods.layers import fill_, layer_kind, layer_shape, weight_oi
 from lightning_lowrank.methods.registry import register_config
 from lightning_lowrank.methods.state import AdapterTie, LayerState
 
@@ -204,9 +204,8 @@ class AdapterLayer(LayerState, nn.Module):
         return self.adapter_state_dict(), self.layer_metadata()
 
     def initial_state(self) -> dict[str, Tensor]:
-        """The adapter's initial tensors (full shapes, plain tensors), drawn as ``__init__`` draws
-        them; keyed like :meth:`adapter_state_dict`, non-persistent buffers included. Used by
-        :meth:`reset_parameters`; the default is empty (nothing to re-draw)."""
+        """The adapter's own initial tensors (full shapes, plain tensors, drawn as ``__init__``
+        draws them), by attribute name, non-persistent buffers included; default: none."""
         return {}
 
     def init_from_base(self) -> None:  # noqa: B027 - optional hook
@@ -225,13 +224,7 @@ class AdapterLayer(LayerState, nn.Module):
         full draw, so a sharded model starts as one process would.
         """
         for name, value in self.initial_state().items():
-            fill_(self.get_submodule_tensor(name), value)
-
-    def get_submodule_tensor(self, name: str) -> Tensor:
-        """The parameter or buffer called ``name`` (dotted, relative to this layer)."""
-        owner, _, leaf = name.rpartition(".")
-        module = self.get_submodule(owner) if owner else self
-        return getattr(module, leaf)
+            fill_(getattr(self, name), value)
 
     def _empty(self, *shape: int) -> Tensor:
         """An uninitialised tensor on this layer's device and dtype, for :meth:`initial_state`
@@ -408,23 +401,6 @@ def embed_or_linear(layer: AdapterLayer, x: Tensor, a: Tensor) -> Tensor:
         # adapter factor in place, so it is not forwarded
         return F.embedding(x, a.t(), padding_idx=base.padding_idx)
     return F.linear(x, a)
-
-
-def fill_(target: Tensor, value: Tensor) -> None:
-    """Copy the full tensor ``value`` into ``target``: a plain tensor, or a DTensor that receives
-    its own shard (scattered from rank 0, so every rank agrees). Meta tensors are left as they
-    are (a model not yet materialised has no values to fill)."""
-    if target.is_meta or value.is_meta:
-        return
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    if isinstance(value, DTensor):
-        value = value.full_tensor()
-    if isinstance(target, DTensor):
-        value = value.to(device=target.device, dtype=target.dtype)
-        target.copy_(distribute_tensor(value, target.device_mesh, target.placements))
-    else:
-        target.copy_(value)
 
 
 def kaiming_uniform_(t: Tensor) -> Tensor:

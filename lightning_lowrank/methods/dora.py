@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_lowrank.methods.base import AdapterConfig, AdapterLayer, PeftLayer, Scaling, Side
-from lightning_lowrank.methods.layers import weight_oi
+from lightning_lowrank.methods.layers import fill_, weight_oi
 from lightning_lowrank.methods.lora import LoRALayer
 from lightning_lowrank.methods.singlora import SingLoRALayer
 
@@ -131,8 +131,6 @@ class DoRAMagnitude:
     @torch.no_grad()
     def init_from_base(self) -> None:
         """``m = ||W0||_row`` from the current base weight (DoRA's init, paper Sec. 4.1)."""
-        from lightning_lowrank.methods.base import fill_
-
         fill_(self.magnitude, self._base_norm())
 
     def _base_norm(self) -> Tensor:
