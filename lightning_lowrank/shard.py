@@ -175,6 +175,24 @@ def shard_model(
         fully_shard(root, mesh=mesh)
 
 
+# --- tensors of schedules -------------------------------------------------------------------
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or for a DTensor its full tensor (a collective: every rank must call it)."""
+    return t.full_tensor() if isinstance(t, _dtensor_type()) else t
+
+
+def shard_like(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``value`` (a full tensor, the same on every rank) laid out like ``target``: ``value``
+    itself for a plain target, this rank's shard as a DTensor for a DTensor target (no
+    communication: each rank cuts its own part)."""
+    if not isinstance(target, _dtensor_type()):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    value = value.to(device=target.device, dtype=target.dtype)
+    return distribute_tensor(value, target.device_mesh, target.placements, src_data_rank=None)
+
+
 # --- gathers ---------------------------------------------------------------------------------
 def _sharded_slots(model: nn.Module, everything: bool) -> list[tuple[nn.Module, str, nn.Parameter]]:
     """``(module, name, parameter)`` for the DTensor parameters to gather: all of them, or only

@@ -190,7 +190,10 @@ class AdaLoRALayer(AdapterLayer):
         return peft_pair(self.lora_B[:, keep], a, self.scale, self.scale * k, False, self.kind)
 
     def live_rank(self) -> int:
-        """Number of slots the rank mask keeps."""
+        """Number of slots the rank mask keeps (all of them before a meta-device model has
+        values)."""
+        if self.rank_mask.is_meta:
+            return self.rank
         return int(self.rank_mask.count_nonzero())
 
     @torch.no_grad()
