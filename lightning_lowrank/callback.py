@@ -156,7 +156,8 @@ class LowRankCallback(Callback):
         self._sharded = sharded
         if sharded:
             mesh = trainer.strategy.device_mesh["data_parallel"]
-            shard_model(pl_module, mesh, self.shard_blocks, self.parallelize)
+            shared = any(s.shares_adapters() for s in self.schedules)
+            shard_model(pl_module, mesh, self.shard_blocks, self.parallelize, shared)
         rank_zero_info(
             f"LowRankCallback: {type(self.method).__name__} on {len(names)} layers, "
             f"{trainable_parameter_count(pl_module):,} trainable parameters"

@@ -148,7 +148,7 @@ def shard_model(
     mesh: Any,
     blocks: Sequence[type | str] | None = None,
     parallelize: ParallelizeFn | None = None,
-    groups: Sequence[Sequence[nn.Module]] = (),
+    adapter_group: bool = False,
 ) -> None:
     """``fully_shard`` every block, then every root (see the module docstring).
 
@@ -157,8 +157,10 @@ def shard_model(
         mesh: the data-parallel device mesh (``strategy.device_mesh["data_parallel"]``).
         blocks: the block classes (see :func:`block_modules`).
         parallelize: replaces the default with ``parallelize(pl_module, mesh)``.
-        groups: lists of modules sharded together as one group before the blocks (e.g. layers
-            whose adapter parameters are shared, which must live in one FSDP2 group).
+        adapter_group: put every adapter parameter in one FSDP2 group, kept unsharded from the
+            first adapter layer's forward through the backward, so that a layer may compute
+            with another layer's parameters (LoRA-drop's sharing; torch refuses one Parameter in
+            two groups). Each base layer then gets a group of its own.
     """
     from torch.distributed.fsdp import fully_shard
 
@@ -167,8 +169,13 @@ def shard_model(
         parallelize(pl_module, mesh)
         return
     roots = root_modules(pl_module)
-    for group in groups:
-        fully_shard(list(group), mesh=mesh)
+    if adapter_group:
+        from lightning_lowrank.inject import adapter_layers
+
+        layers = list(adapter_layers(pl_module).values())
+        for layer in layers:
+            fully_shard(layer.base, mesh=mesh)
+        fully_shard(layers, mesh=mesh, reshard_after_forward=False)
     for block in block_modules(pl_module, blocks):
         fully_shard(block, mesh=mesh)
     for root in roots:

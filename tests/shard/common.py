@@ -106,7 +106,17 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "delta_lora": lambda: dict(
         method=LoRA(rank=4, alpha=8), schedules=[DeltaLoRA(scale=2.0, start_step=2)]
     ),
-    "lora_drop": lambda: dict(method=LoRA(rank=4, alpha=8), schedules=[LoRADrop(threshold=0.5)]),
+    "delta_lora_implicit": lambda: dict(
+        method=LoRA(rank=4, alpha=8),
+        schedules=[DeltaLoRA(scale=2.0, start_step=2, mode="implicit")],
+    ),
+    "lora_drop": lambda: dict(
+        method=LoRA(rank=4, alpha=8), schedules=[LoRADrop(threshold=0.5, sample_steps=3)]
+    ),
+    "lora_drop_drop": lambda: dict(
+        method=LoRA(rank=4, alpha=8),
+        schedules=[LoRADrop(threshold=0.5, sample_steps=3, mode="drop")],
+    ),
 }
 
 PLAIN = ["lora", "rslora", "lora_fa", "lora_plus", "dora", "vera", "singlora", "sltrain"]
@@ -165,6 +175,7 @@ def run(case: str, out: Any, rank: int | None) -> dict[str, Any]:
     """Train ``case`` (2 ranks when ``rank`` is an int, else one process) and write its adapter
     to ``out / f"{case}.safetensors"`` (from rank 0 only when distributed)."""
     from lightning_lowrank import save_adapter
+    from lightning_lowrank.shard import save_merged
 
     distributed = rank is not None
     module = TinyLM()
@@ -172,4 +183,5 @@ def run(case: str, out: Any, rank: int | None) -> dict[str, Any]:
     t = trainer(distributed, callbacks=[cb])
     t.fit(module, loader(rank))
     save_adapter(module, out / f"{case}.safetensors")
+    save_merged(module, out / f"{case}_merged.safetensors")
     return schedule_facts(cb)

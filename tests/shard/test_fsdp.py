@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from lightning_lowrank import LoRA, LowRankCallback, adapter_layers, inject, read_adapter, unload
@@ -82,12 +83,20 @@ def test_two_ranks_equal_one_process(sharded, single, case):
     for key, value in want.items():
         torch.testing.assert_close(got[key], value, rtol=0, atol=ATOL, msg=key)
     trained = [k for k in want if "lora_B" in k or "lambda_b" in k or "sparse_values" in k]
+    # the merged weights (Delta-LoRA's in-place base updates included)
+    got_merged = load_file(out / f"{case}_merged.safetensors")
+    want_merged = load_file(single / f"{case}_merged.safetensors")
+    assert set(got_merged) == set(want_merged)
+    for key, value in want_merged.items():
+        torch.testing.assert_close(got_merged[key], value, rtol=0, atol=ATOL, msg=key)
     if trained:  # the adapters moved (SingLoRA has no zero-initialised factor to check)
         assert any(want[k].abs().max() > 1e-3 for k in trained)
     # schedule state (AdaLoRA's masks, LoRA-drop's selections): identical on every rank and
     # equal to one process
     assert _same(facts[0], facts[1])
     assert _same(facts[0], reference_facts, atol=ATOL)
+    if "masks" in reference_facts:  # AdaLoRA pruned some slots (not a trivial all-ones pattern)
+        assert any((m == 0).any() for m in reference_facts["masks"].values())
 
 
 def _same(a, b, atol: float = 0.0) -> bool:
