@@ -188,6 +188,17 @@ def markdown_section(res: dict[str, Any]) -> list[str]:
         "the whole process (Python, torch, Lightning, activations), so it falls by less than "
         "the weights do.",
     ]
+    peaks = {k: sum(r["peak_mib"] for r in res["ranks"][k]) for k in ("ddp", "fsdp")}
+    if peaks["fsdp"] > peaks["ddp"]:
+        lines += [
+            "",
+            "On this CPU run the peak RSS of FSDP2 is above DDP's. Likely causes, not separated "
+            "by this benchmark: each group's weights are all-gathered into new buffers for its "
+            "forward and again for its backward (the root group, with the 49k x 576 embedding "
+            "table, stays gathered through both), gloo stages collectives in host memory, and "
+            "the C allocator keeps freed pages resident. The halving shows in what each rank "
+            "holds between steps; the peak is the CPU backend's, not a GPU measurement.",
+        ]
     return lines
 
 
