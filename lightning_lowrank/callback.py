@@ -194,9 +194,7 @@ class LowRankCallback(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._restore_hook is not None:  # the checkpoint has been restored
-            self._restore_hook.remove()
-            self._restore_hook = None
+        self._remove_restore_hook()  # the checkpoint has been restored
         # after checkpoint restore: a resumed run continues from the restored step
         self._last_step = trainer.global_step
         for layer in self.layers.values():
@@ -238,6 +236,15 @@ class LowRankCallback(Callback):
         for schedule in self.schedules:
             for message in schedule.pop_messages():
                 rank_zero_info(message)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_restore_hook()  # a fit that failed before on_train_start
+
+    def _remove_restore_hook(self) -> None:
+        if self._restore_hook is not None:
+            self._restore_hook.remove()
+            self._restore_hook = None
 
     # --- checkpoints ------------------------------------------------------------------------
     def _droppable_keys(self, pl_module: pl.LightningModule) -> set[str]:
