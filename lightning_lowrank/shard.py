@@ -5,17 +5,21 @@ Under Lightning's ``ModelParallelStrategy`` the callback injects the adapters, t
 1. every *block* gets its own FSDP2 group (``fully_shard(block)``): by default the instances of
    the classes named in a transformers model's ``_no_split_modules`` (``LlamaDecoderLayer``,
    ``BertLayer``, ...); otherwise the entries of the longest ``nn.ModuleList`` in the model (the
-   repeated layer stack); ``blocks=`` names the classes instead, and ``parallelize=`` replaces
-   the whole step with the user's function;
+   repeated layer stack); the callback's ``shard_blocks=`` names the classes instead, and its
+   ``parallelize=`` replaces the whole step with the user's function;
 2. then every top-level child of the LightningModule that holds parameters is a root group,
    which takes what the blocks left (embeddings, final norm, head).
+
+When a schedule shares adapters between layers (LoRA-drop), all adapter parameters form one
+group instead, gathered through the forward and backward (``adapter_group``).
 
 Frozen and trainable parameters mix freely in one group. Parameters become ``DTensor`` shards
 (``Shard(0)`` over the data-parallel mesh); inside a group's forward and backward FSDP2 swaps in
 the full tensors, so layers compute as on one process. Outside the forward, code that reads
 parameters must gather them: :func:`gathered` swaps every sharded parameter of a model for its
 full tensor (a collective: every rank calls it), and :func:`on_rank_zero` runs a writer on global
-rank 0 only, inside that gather, so files equal the ones a single process writes.
+rank 0 only, inside that gather, so files equal the ones a single process writes. Schedules
+use :func:`full_tensor` and :func:`shard_like` to compute on full tensors and write back shards.
 """
 
 from __future__ import annotations
@@ -39,8 +43,9 @@ ParallelizeFn = Callable[[nn.Module, Any], None]
 _MOVE_SHARDING = (
     "the model is already sharded (fully_shard or DTensor parameters) when LowRankCallback sets "
     "it up: adapters must be injected before sharding. Build the model in configure_model "
-    "without calling fully_shard there, and let the callback shard it (pass blocks=[...] to "
-    "name the block classes, or parallelize=your_function to shard it your way)"
+    "without calling fully_shard there, and let the callback shard it (pass "
+    "LowRankCallback(shard_blocks=[...]) to name the block classes, or "
+    "parallelize=your_function to shard it your way)"
 )
 
 
