@@ -22,7 +22,7 @@ from typing import Any, cast
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.optim import Optimizer
@@ -155,7 +155,7 @@ class LowRankCallback(Callback):
         self._log_messages()
         self._sharded = sharded
         if sharded:
-            mesh = trainer.strategy.device_mesh["data_parallel"]
+            mesh = cast(ModelParallelStrategy, trainer.strategy).device_mesh["data_parallel"]
             shared = any(s.shares_adapters() for s in self.schedules)
             shard_model(pl_module, mesh, self.shard_blocks, self.parallelize, shared)
         rank_zero_info(

@@ -29,7 +29,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -111,8 +111,11 @@ def block_modules(model: nn.Module, blocks: Sequence[type | str] | None = None) 
     if wanted:
         found = [m for m in model.modules() if type(m).__name__ in wanted]
     else:
-        lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
-        found = list(max(lists, key=len)) if lists else []
+        lists: list[nn.ModuleList] = [
+            m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0
+        ]
+        sizes = [len(m) for m in lists]
+        found = list(lists[sizes.index(max(sizes))]) if lists else []  # the first longest
     inside: set[int] = set()
     out = []
     for m in found:
@@ -177,9 +180,9 @@ def shard_model(
     if adapter_group:
         from lightning_lowrank.inject import adapter_layers
 
-        layers = list(adapter_layers(pl_module).values())
+        layers: list[nn.Module] = list(adapter_layers(pl_module).values())
         for layer in layers:
-            fully_shard(layer.base, mesh=mesh)
+            fully_shard(cast(nn.Module, layer.base), mesh=mesh)
         fully_shard(layers, mesh=mesh, reshard_after_forward=False)
     for block in block_modules(pl_module, blocks):
         fully_shard(block, mesh=mesh)
@@ -190,17 +193,19 @@ def shard_model(
 # --- tensors of schedules -------------------------------------------------------------------
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself, or for a DTensor its full tensor (a collective: every rank must call it)."""
-    return t.full_tensor() if isinstance(t, _dtensor_type()) else t
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def shard_like(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``value`` (a full tensor, the same on every rank) laid out like ``target``: ``value``
     itself for a plain target, this rank's shard as a DTensor for a DTensor target (no
     communication: each rank cuts its own part)."""
-    if not isinstance(target, _dtensor_type()):
-        return value
-    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor import DTensor, distribute_tensor
 
+    if not isinstance(target, DTensor):
+        return value
     value = value.to(device=target.device, dtype=target.dtype)
     return distribute_tensor(value, target.device_mesh, target.placements, src_data_rank=None)
 
@@ -257,7 +262,7 @@ def gathered(model: nn.Module, everything: bool = True) -> Iterator[nn.Module]:
     full: dict[int, nn.Parameter] = {}
     for _, _, p in slots:
         if id(p) not in full:  # a tied parameter is gathered once
-            full[id(p)] = nn.Parameter(p.detach().full_tensor(), requires_grad=p.requires_grad)
+            full[id(p)] = nn.Parameter(full_tensor(p.detach()), requires_grad=p.requires_grad)
     try:
         for module, name, p in slots:
             module._parameters[name] = full[id(p)]

@@ -204,32 +204,24 @@ class AdapterLayer(LayerState, nn.Module):
         return self.adapter_state_dict(), self.layer_metadata()
 
     def initial_state(self) -> dict[str, Tensor]:
-        """The adapter's own initial tensors (full shapes, plain tensors, drawn as ``__init__``
-        draws them), by attribute name, non-persistent buffers included; default: none."""
+        """The adapter's initial tensors by attribute name (full, plain, drawn as ``__init__``)."""
         return {}
 
     def init_from_base(self) -> None:  # noqa: B027 - optional hook
-        """Set the adapter tensors that depend on the base weight's values (DoRA's magnitude)
-        from the current base. No-op for methods whose init ignores the base. Call it after the
-        base weights change under a fresh adapter (a meta-device model once materialised or
-        loaded: Lightning resets the base after this layer, so the callback calls it then)."""
+        """Set what the init derives from the base's values (DoRA's magnitude) from the current
+        base: after a meta-device model is materialised or loaded (the callback's on_fit_start)."""
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Re-draw the adapter's initial values (A as the method's paper says, B zero, ...).
-
-        Lightning calls this when it materialises a model built on the meta device
-        (``to_empty()``, then ``reset_parameters()`` on every module with tensors); the base
-        layer is left to its own ``reset_parameters``. A DTensor shard receives its part of one
-        full draw, so a sharded model starts as one process would.
-        """
+        """Re-draw :meth:`initial_state` into the adapter (A as the paper says, B zero, ...), as
+        Lightning does when it materialises a meta-device model; the base resets itself. A
+        DTensor shard gets its part of one full draw, as one process would."""
         for name, value in self.initial_state().items():
             fill_(getattr(self, name), value)
 
     def _empty(self, *shape: int) -> Tensor:
-        """An uninitialised tensor on this layer's device and dtype, for :meth:`initial_state`
-        (the local device of a sharded base; values on the meta device are never filled)."""
-        w = self.base.weight
+        """An uninitialised tensor with the base weight's dtype and (local) device."""
+        w = weight_oi(self.base)
         return torch.empty(*shape, dtype=w.dtype, device=w.device)
 
     # --- generic behaviour ------------------------------------------------------------------

@@ -252,7 +252,7 @@ class SLTrainLayer(AdapterLayer):
         return sides
 
     def initial_state(self) -> dict[str, Tensor]:
-        config: SLTrain = self.config  # type: ignore[assignment]
+        config: SLTrain = self.config
         state = {
             "lora_A": kaiming_uniform_(self._empty(*self.lora_A.shape)),
             "lora_B": self._empty(*self.lora_B.shape).zero_(),

@@ -91,10 +91,10 @@ def _addmm_sharded(layer: AdapterLayer, left: Tensor, right: Tensor, scale: floa
     """``W += scale * left @ right`` on this rank's rows of a base weight sharded by FSDP2
     (``Shard(0)`` of its storage), in the shard's own storage: writes there persist, unlike
     writes into the unsharded weight FSDP2 builds for the forward."""
-    weight = layer.base.weight
+    weight = cast(DTensor, layer.base.weight)
     # storage (out, in) for nn.Linear; (in, out) for Conv1D and embeddings: W^T += R^T L^T
     first, second = (left, right) if layer.kind == "linear" else (right.t(), left.t())
-    rows = shard_like(first.contiguous(), weight).to_local()  # the rows this rank holds
+    rows = cast(DTensor, shard_like(first.contiguous(), weight)).to_local()  # this rank's rows
     weight.to_local().addmm_(rows, second, alpha=scale)
 
 
