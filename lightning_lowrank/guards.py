@@ -26,7 +26,7 @@ def check_strategy(strategy: Strategy) -> None:
     if kind is DDPStrategy:
         name = f"DDPStrategy(start_method={strategy._start_method!r})"  # type: ignore[attr-defined]
     raise ValueError(
-        f"LowRankCallback supports a single device and strategy='ddp', not {name}: use "
+        f"LowRankCallback supports a single device, strategy='ddp' and ModelParallelStrategy (FSDP2), not {name}: use "
         "strategy='ddp' (it launches the workers as subprocesses, so every process, the first "
         "one included, holds the adapted model) or 'auto' on one device"
     )

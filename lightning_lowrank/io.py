@@ -36,6 +36,7 @@ from lightning_lowrank.methods.base import (
 )
 from lightning_lowrank.methods.layers import layer_kind, layer_shape
 from lightning_lowrank.names import file_names, resolve_file_names
+from lightning_lowrank.shard import needs_gather, on_rank_zero
 from lightning_lowrank.sharing import (
     check_shared,
     freeze_idle,
@@ -85,7 +86,12 @@ def save_adapter(
 
     Returns:
         The path written.
+
+    On a model sharded with FSDP2, every rank must call it: the adapter is gathered and global
+    rank 0 writes the file (the same file one process writes).
     """
+    if needs_gather(model):
+        return on_rank_zero(model, lambda: save_adapter(model, path, extra, truncate))
     path = Path(path)
     method = model_method(model)
     layers = stored_layers(adapter_layers(model))  # LoRA-drop's dropped layers are left out

@@ -155,6 +155,17 @@ class AdaLoRALayer(AdapterLayer):
         self.register_buffer("rank_mask", torch.ones(r, **kw))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
+    def initial_state(self) -> dict[str, Tensor]:
+        r = self.rank
+        a = self._empty(r, self.in_features).normal_() * INIT_STD
+        b = self._empty(self.out_features, r).normal_() * INIT_STD
+        return {
+            "lora_A": a,
+            "lora_E": self._empty(r).zero_(),
+            "lora_B": b,
+            "rank_mask": self._empty(r).fill_(1.0),
+        }
+
     def adapter_input(self, x: Tensor) -> Tensor:
         return self.dropout(x)
 
@@ -191,7 +202,10 @@ class AdaLoRALayer(AdapterLayer):
         return peft_pair(self.lora_B[:, keep], a, self.scale, self.scale * k, False, self.kind)
 
     def live_rank(self) -> int:
-        """Number of slots the rank mask keeps."""
+        """Number of slots the rank mask keeps (all of them before a meta-device model has
+        values)."""
+        if self.rank_mask.is_meta:
+            return self.rank
         return int(self.rank_mask.count_nonzero())
 
     @torch.no_grad()

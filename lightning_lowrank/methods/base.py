@@ -50,6 +50,7 @@ from lightning_lowrank.methods.checks import (  # noqa: F401 - re-exported for t
 from lightning_lowrank.methods.fused import fusable, low_rank_linear
 from lightning_lowrank.methods.layers import (  # noqa: F401 - re-exported: defined here first
     embed_or_linear,
+    fill_,
     kaiming_uniform_,
     layer_kind,
     layer_shape,
@@ -216,6 +217,27 @@ class AdapterLayer(LayerState, nn.Module):
         rebuilds its shapes (``save_adapter(..., truncate=True)``). Methods without prunable
         parts (all but AdaLoRA) return their full state."""
         return self.adapter_state_dict(), self.layer_metadata()
+
+    def initial_state(self) -> dict[str, Tensor]:
+        """The adapter's initial tensors by attribute name (full, plain, drawn as ``__init__``)."""
+        return {}
+
+    def init_from_base(self) -> None:  # noqa: B027 - optional hook
+        """Set what the init derives from the base's values (DoRA's magnitude) from the current
+        base: after a meta-device model is materialised or loaded (the callback's on_fit_start)."""
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Re-draw :meth:`initial_state` into the adapter (A as the paper says, B zero, ...), as
+        Lightning does when it materialises a meta-device model; the base resets itself. A
+        DTensor shard gets its part of one full draw, as one process would."""
+        for name, value in self.initial_state().items():
+            fill_(getattr(self, name), value)
+
+    def _empty(self, *shape: int) -> Tensor:
+        """An uninitialised tensor with the base weight's dtype and (local) device."""
+        w = weight_oi(self.base)
+        return torch.empty(*shape, dtype=w.dtype, device=w.device)
 
     # --- generic behaviour ------------------------------------------------------------------
     def adapter_parameter_names(self) -> list[str]:

@@ -40,7 +40,7 @@ from lightning_lowrank.methods.base import (
     check_int,
     check_number,
 )
-from lightning_lowrank.methods.layers import weight_oi
+from lightning_lowrank.methods.layers import fill_, weight_oi
 from lightning_lowrank.methods.lora import LoRALayer
 from lightning_lowrank.methods.singlora import SingLoRALayer
 
@@ -137,6 +137,21 @@ class DoRAMagnitude:
                 f"{type(self).__name__}: DoRA's magnitude needs a delta layer with low-rank factors"
             )
         return factors
+
+    def initial_state(self) -> dict[str, Tensor]:
+        state = super().initial_state()  # type: ignore[misc]
+        state["magnitude"] = self._base_norm()
+        return state
+
+    @torch.no_grad()
+    def init_from_base(self) -> None:
+        """``m = ||W0||_row`` from the current base weight (DoRA's init, paper Sec. 4.1)."""
+        fill_(self.magnitude, self._base_norm())
+
+    def _base_norm(self) -> Tensor:
+        # on a sharded base, a row-sharded norm: fill_ gathers it
+        w0 = weight_oi(self.base).detach()
+        return torch.linalg.vector_norm(w0, dim=1, dtype=_compute_dtype(w0.dtype)).to(w0.dtype)
 
     def low_rank_factors(self) -> None:
         """None: DoRA's update ``m * V / ||V|| - W0`` is not a low-rank product (the delta under

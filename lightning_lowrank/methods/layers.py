@@ -7,6 +7,8 @@ Weights are always spoken of in ``(out, in)`` orientation. ``nn.Linear`` stores 
 transformers' GPT-2 ``Conv1D`` stores ``(in, out)``; an embedding table stores
 ``(num_embeddings, embedding_dim)``, treated as the transpose of an ``(out, in)`` matrix with
 ``in = num_embeddings`` (the input is a one-hot vector).
+
+:func:`fill_` writes a full tensor into a plain or a sharded (FSDP2 ``DTensor``) one.
 """
 
 from __future__ import annotations
@@ -99,9 +101,27 @@ def own_weight(module: nn.Module, tied_with: list[str]) -> None:
 __all__ = [
     "conv1d_type",
     "embed_or_linear",
+    "fill_",
     "kaiming_uniform_",
     "layer_kind",
     "layer_shape",
     "own_weight",
     "weight_oi",
 ]
+
+
+def fill_(target: Tensor, value: Tensor) -> None:
+    """Copy the full tensor ``value`` into ``target``: a plain tensor, or a DTensor that receives
+    its own shard (scattered from rank 0, so every rank agrees). Meta tensors are left as they
+    are (a model not yet materialised has no values to fill)."""
+    if target.is_meta or value.is_meta:
+        return
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(value, DTensor):
+        value = value.full_tensor()
+    if isinstance(target, DTensor):
+        value = value.to(device=target.device, dtype=target.dtype)
+        target.copy_(distribute_tensor(value, target.device_mesh, target.placements))
+    else:
+        target.copy_(value)

@@ -101,6 +101,11 @@ class SingLoRALayer(AdapterLayer):
     def set_step(self, step: int) -> None:
         self.step.fill_(check_int("step", step, minimum=0))
 
+    def initial_state(self) -> dict[str, Tensor]:
+        d, r = self.lora_A.shape
+        a_t = kaiming_uniform_(self._empty(r, d))
+        return {"lora_A": a_t.t().contiguous(), "step": torch.zeros((), dtype=torch.int64)}
+
     def ramp_value(self) -> Tensor:
         """The current ``u(t)`` as a 0-dim tensor."""
         return ramp(self.step, self.ramp_steps)

@@ -197,6 +197,7 @@ class SLTrainLayer(AdapterLayer):
                 f"the sparse support of layer {name!r} regenerated from seed {config.seed} differs "
                 "from the one this adapter was trained with (another torch version's generator?)"
             )
+        self.support_name = name  # the support is regenerated from seed and name
         self.register_buffer("sparse_index", indices.to(device), persistent=False)
         self.sparse_values = nn.Parameter(torch.zeros(indices.numel(), dtype=dtype, device=device))
         if self.pretrain:
@@ -268,6 +269,27 @@ class SLTrainLayer(AdapterLayer):
         if self.pretrain and getattr(self.base, "bias", None) is not None:
             sides["base.bias"] = "B"
         return sides
+
+    def initial_state(self) -> dict[str, Tensor]:
+        config: SLTrain = self.config
+        state = {
+            "lora_A": kaiming_uniform_(self._empty(*self.lora_A.shape)),
+            "lora_B": self._empty(*self.lora_B.shape).zero_(),
+            "sparse_index": sparse_support(
+                self.out_features, self.in_features, config.density, config.seed, self.support_name
+            ),
+            "sparse_values": self._empty(self.nnz).zero_(),
+        }
+        if self.pretrain:
+            bound = 1.0 / math.sqrt(self.in_features)
+            state["sparse_values"].uniform_(-bound, bound)
+            if self.nnz == 0:  # as in __init__: a random B, so that gradients flow
+                kaiming_uniform_(state["lora_B"]).mul_(math.sqrt(3.0) / self.scale)
+        return state
+
+    def _empty(self, *shape: int) -> Tensor:
+        w = self.lora_A  # in pre-training mode the base has no weight
+        return torch.empty(*shape, dtype=w.dtype, device=w.device)
 
     def layer_metadata(self) -> dict[str, Any]:
         return {"support_hash": support_fingerprint(self.sparse_index)}

@@ -129,11 +129,27 @@ class SharedProjection(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
+        self.seed = seed
+        a, b = self.draw(rank, in_max, out_max, seed)
+        self.register_buffer("A", a.to(device=device, dtype=dtype), persistent=False)
+        self.register_buffer("B", b.to(device=device, dtype=dtype), persistent=False)
+
+    @staticmethod
+    def draw(rank: int, in_max: int, out_max: int, seed: int) -> tuple[Tensor, Tensor]:
+        """The pair drawn from ``seed`` (float32, CPU)."""
         gen = torch.Generator().manual_seed(seed)
         a = kaiming_uniform_generated(torch.empty(rank, in_max), gen)
         b = kaiming_uniform_generated(torch.empty(out_max, rank), gen)
-        self.register_buffer("A", a.to(device=device, dtype=dtype), persistent=False)
-        self.register_buffer("B", b.to(device=device, dtype=dtype), persistent=False)
+        return a, b
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Regenerate the pair from the seed (after Lightning materialises a meta-device model)."""
+        if self.A.is_meta:
+            return
+        a, b = self.draw(self.A.shape[0], self.A.shape[1], self.B.shape[0], self.seed)
+        self.A.copy_(a)
+        self.B.copy_(b)
 
     def extra_repr(self) -> str:
         return f"rank={self.A.shape[0]}, in_max={self.A.shape[1]}, out_max={self.B.shape[0]}"
@@ -230,6 +246,13 @@ class VeRALayer(AdapterLayer):
 
     def layer_metadata(self) -> dict[str, Any]:
         return {"pair_in": self.shared.A.shape[1], "pair_out": self.shared.B.shape[0]}
+
+    def initial_state(self) -> dict[str, Tensor]:
+        d_init = float(self.config.d_init)  # type: ignore[attr-defined]
+        return {
+            "vera_lambda_d": self._empty(*self.vera_lambda_d.shape).fill_(d_init),
+            "vera_lambda_b": self._empty(*self.vera_lambda_b.shape).zero_(),
+        }
 
     def shared_slices(self) -> tuple[Tensor, Tensor]:
         """This layer's slices ``(B[:out], A[:, :in])`` of the shared pair."""

@@ -26,6 +26,7 @@ from lightning_lowrank.peft.names import (
     relative,
     target_modules,
 )
+from lightning_lowrank.shard import needs_gather, on_rank_zero
 
 
 def _peft_form(name: str, layer: AdapterLayer) -> PeftLayer | None:
@@ -191,7 +192,12 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, root: str | None
 
     Raises:
         PeftExportError: a layer's method has no exact PEFT form; the message says what to do.
+
+    On a model sharded with FSDP2, every rank must call it: the adapter is gathered and global
+    rank 0 writes the directory.
     """
+    if needs_gather(model):
+        return on_rank_zero(model, lambda: export_peft(model, directory, root))
     config, tensors = peft_adapter(model, root)
     text = json.dumps(config, indent=2, sort_keys=True)
     # both files at once: a crash never leaves new weights under an old config (files.py)

@@ -74,6 +74,11 @@ class Schedule:
         """Whether adapter-only checkpoints must keep the adapted layers' base weights."""
         return False
 
+    def shares_adapters(self) -> bool:
+        """Whether layers may compute with other layers' adapter parameters (LoRA-drop's
+        sharing): under FSDP2 all adapter parameters then live in one group."""
+        return False
+
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to continue exactly; saved under ``state_key``."""
         return {}

@@ -36,6 +36,7 @@ from typing import Any, Literal, cast
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from lightning_lowrank.methods.base import (
     AdapterLayer,
@@ -46,6 +47,7 @@ from lightning_lowrank.methods.base import (
     weight_oi,
 )
 from lightning_lowrank.schedules.base import Schedule
+from lightning_lowrank.shard import gathered, shard_like
 
 Mode = Literal["inplace", "implicit"]
 #: a snapshot of ``dW``: ``(c * B, A)`` factors, or the dense matrix
@@ -55,12 +57,14 @@ Snapshot = tuple[Tensor, Tensor] | Tensor
 @torch.no_grad()
 def delta_snapshot(layer: AdapterLayer) -> Snapshot:
     """A copy of the layer's current ``dW``: ``(c * B, A)`` when the method has low-rank factors
-    (``k * (out + in)`` values), else the dense ``delta_weight()``."""
-    factors = layer.low_rank_factors()
-    if factors is None:
-        return layer.delta_weight().detach().clone()
-    b, a, c = factors
-    return (b * c).detach(), a.detach().clone()
+    (``k * (out + in)`` values), else the dense ``delta_weight()``. Full tensors, also when the
+    adapter is sharded (FSDP2: gathered, a collective)."""
+    with gathered(layer, everything=False):
+        factors = layer.low_rank_factors()
+        if factors is None:
+            return layer.delta_weight().detach().clone()
+        b, a, c = factors
+        return (b * c).detach().clone(), a.detach().clone()
 
 
 @torch.no_grad()
@@ -70,15 +74,29 @@ def apply_base_update(layer: AdapterLayer, before: Snapshot, scale: float) -> No
     With factors on both sides this is one rank-``2k`` ``addmm_`` into the weight's own storage
     (also through the transposed views of ``Conv1D`` and embedding tables)."""
     w = weight_oi(layer.base)
-    now = layer.low_rank_factors()
-    if now is not None and isinstance(before, tuple):
-        b, a, c = now
-        left = torch.cat([b * c, before[0]], dim=1).to(w.dtype)
-        right = torch.cat([a, -before[1]], dim=0).to(w.dtype)
-        w.addmm_(left, right, alpha=scale)
+    now = delta_snapshot(layer)
+    if isinstance(now, tuple) and isinstance(before, tuple):
+        left = torch.cat([now[0], before[0]], dim=1).to(w.dtype)
+        right = torch.cat([now[1], -before[1]], dim=0).to(w.dtype)
+        if isinstance(layer.base.weight, DTensor):
+            _addmm_sharded(layer, left, right, scale)
+        else:
+            w.addmm_(left, right, alpha=scale)
         return
+    now = now if isinstance(now, Tensor) else now[0] @ now[1]
     old = before if isinstance(before, Tensor) else before[0] @ before[1]
-    w.add_((layer.delta_weight() - old).to(w.dtype), alpha=scale)
+    w.add_(shard_like((now - old).to(w.dtype), w), alpha=scale)
+
+
+def _addmm_sharded(layer: AdapterLayer, left: Tensor, right: Tensor, scale: float) -> None:
+    """``W += scale * left @ right`` on this rank's rows of a base weight sharded by FSDP2
+    (``Shard(0)`` of its storage), in the shard's own storage: writes there persist, unlike
+    writes into the unsharded weight FSDP2 builds for the forward."""
+    weight = cast(DTensor, layer.base.weight)
+    # storage (out, in) for nn.Linear; (in, out) for Conv1D and embeddings: W^T += R^T L^T
+    first, second = (left, right) if layer.kind == "linear" else (right.t(), left.t())
+    rows = cast(DTensor, shard_like(first.contiguous(), weight)).to_local()  # this rank's rows
+    weight.to_local().addmm_(rows, second, alpha=scale)
 
 
 class DeltaLoRABase(LayerExtension):

@@ -234,3 +234,54 @@ def test_state_dict_keys_are_stable(config, tmp_path):
     load_adapter(other, save_adapter(model, tmp_path / "a.safetensors"))
     assert sorted(adapter_state_dict(other)) == keys  # a file round trip
     assert all(k.split(".", 1)[0] in TARGETS for k in keys)
+
+
+def _materialise(model: nn.Module) -> None:
+    """What Lightning does to a meta-device model: ``to_empty``, then ``reset_parameters`` on
+    every module that holds tensors (parents before children), then the callback's
+    ``init_from_base`` once the bases have their values."""
+    model.to_empty(device="cpu")
+    for module in model.modules():
+        has_tensors = any(True for _ in module.parameters(recurse=False)) or any(
+            True for _ in module.buffers(recurse=False)
+        )
+        if has_tensors and callable(getattr(module, "reset_parameters", None)):
+            module.reset_parameters()
+    for layer in adapter_layers(model).values():
+        layer.init_from_base()
+
+
+@pytest.mark.parametrize("config", EXAMPLES)
+def test_meta_device_build_materialises_with_the_init(config):
+    if getattr(config, "mode", None) == "pretrain":
+        pytest.skip("SLTrain's pre-training mode deletes the base weight that nn.Linear resets")
+    with torch.device("meta"):
+        model = Net().double()
+    inject(model, copy.deepcopy(config), TARGETS)
+    _materialise(model)
+    reference = adapted(config)
+    got, want = adapter_state_dict(model), adapter_state_dict(reference)
+    assert set(got) == set(want)
+    for key, value in got.items():
+        assert value.shape == want[key].shape and value.dtype == want[key].dtype, key
+        assert torch.isfinite(value).all() if value.is_floating_point() else True, key
+    # deterministic parts (zeros, constants, seeded supports) equal a regular build's; random
+    # ones (Kaiming, Gaussian) are redrawn, so only their scale is compared
+    for key, value in want.items():
+        if key.endswith("magnitude"):  # DoRA: the row norms of the materialised base
+            layer = adapter_layers(model)[key.rsplit(".", 1)[0]]
+            norm = torch.linalg.vector_norm(weight_oi(layer.base), dim=1)
+            torch.testing.assert_close(got[key], norm, rtol=1e-12, atol=1e-12)
+        elif not value.is_floating_point() or value.std() == 0 or value.numel() == 1:
+            assert torch.equal(got[key], value), key
+        else:
+            assert 0.5 < float(got[key].std() / value.std()) < 2.0, key
+    if config.identity_at_init:
+        x = inputs()
+        plain = fresh()
+        with torch.no_grad():  # the materialised model's own base weights
+            for name in ("up", "down", "square", "head"):
+                base = getattr(model, name)
+                base = getattr(base, "base", base)
+                getattr(plain, name).load_state_dict(base.state_dict())
+        torch.testing.assert_close(model(x), plain(x), rtol=1e-12, atol=1e-12)

@@ -60,6 +60,7 @@ from lightning_lowrank.schedules.adalora.budget import (
 )
 from lightning_lowrank.schedules.adalora.orthogonality import adalora_layers, add_orthogonality_grad
 from lightning_lowrank.schedules.base import Schedule
+from lightning_lowrank.shard import full_tensor, shard_like
 
 
 def _layers_config(layers: dict[str, AdaLoRALayer]) -> AdaLoRA:
@@ -246,7 +247,7 @@ class RankAllocator(Schedule):
                 # the optimizer moved the masked lambdas: put the fixed pattern back
                 torch._foreach_mul_(
                     [layers[n].lora_E.data for n in self.names],
-                    [layers[n].rank_mask for n in self.names],
+                    [shard_like(layers[n].rank_mask, layers[n].lora_E) for n in self.names],
                 )
             return
         self.mask_to_budget(layers, budget)
@@ -262,8 +263,13 @@ class RankAllocator(Schedule):
         """``I = |w * g|``, then the sensitivity and uncertainty EMAs, for every element at once
         (``torch._foreach_*``: a few fused kernels for all layers instead of a loop of small ones).
         """
-        params = self._tensors(layers)
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        # sharded (FSDP2) factors and gradients are gathered: the scores, and so the masks, are
+        # global and the same on every rank
+        params = [full_tensor(p.detach()) for p in self._tensors(layers)]
+        grads = [
+            full_tensor(p.grad) if p.grad is not None else torch.zeros_like(q)
+            for p, q in zip(self._tensors(layers), params, strict=True)
+        ]
         if not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
             # a NaN/inf gradient (a step GradScaler skipped under fp16, or a NaN loss) would stay
             # in the averages forever and make every score NaN: this step's update is skipped
@@ -276,9 +282,7 @@ class RankAllocator(Schedule):
             )
             return
         self._ensure_state(params)
-        ipt: tuple[Tensor, ...] | list[Tensor] = torch._foreach_mul(
-            [p.detach() for p in params], grads
-        )
+        ipt: tuple[Tensor, ...] | list[Tensor] = torch._foreach_mul(params, grads)
         torch._foreach_abs_(ipt)
         if ipt[0].dtype != self.ipt[0].dtype:
             ipt = [t.to(self.ipt[0].dtype) for t in ipt]
@@ -323,7 +327,7 @@ class RankAllocator(Schedule):
         for name, mask in zip(self.names, keep.split(ranks), strict=True):
             layer = layers[name]
             layer.rank_mask.copy_(mask)
-            layer.lora_E.mul_(layer.rank_mask)
+            layer.lora_E.mul_(shard_like(layer.rank_mask, layer.lora_E))
 
     def _record(self, step: int) -> None:
         self.history_steps.append(step)

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from lightning_lowrank.methods.adalora import AdaLoRALayer
 from lightning_lowrank.methods.base import AdapterLayer
+from lightning_lowrank.shard import full_tensor, shard_like
 
 
 def adalora_layers(layers: dict[str, AdapterLayer]) -> dict[str, AdaLoRALayer]:
@@ -75,7 +76,8 @@ def add_orthogonality_grad(layers: dict[str, AdapterLayer], gamma: float) -> Non
         if m.requires_grad:
             groups.setdefault((tuple(m.shape), rows, m.dtype, m.device), []).append(m)
     for (_, rows, _, _), members in groups.items():
-        stacked = torch.stack([m.detach() for m in members])
+        # sharded factors (FSDP2) are gathered: the Gram matrices need every rank slot
+        stacked = torch.stack([full_tensor(m.detach()) for m in members])
         # P (out, r) is handled as P^T (r, out): then both are "rows" of shape (k, r, d)
         x = stacked if rows else stacked.transpose(1, 2)
         gram = torch.bmm(x, x.transpose(1, 2))
@@ -87,6 +89,7 @@ def add_orthogonality_grad(layers: dict[str, AdapterLayer], gamma: float) -> Non
             grad = grad.transpose(1, 2)  # (G P^T)^T = P G, G being symmetric
         existing, additions = [], []
         for m, g in zip(members, grad.unbind(0), strict=True):
+            g = shard_like(g.contiguous(), m)  # this rank's part of a sharded factor's gradient
             if m.grad is None:
                 m.grad = g.clone(memory_format=torch.contiguous_format)
             else:

@@ -236,6 +236,9 @@ class LoRADrop(Schedule):
                 initialise_shared(self._layers, group, self.shared_init, self.seed)
         apply_groups(self._layers, self.groups, self.mode)
 
+    def shares_adapters(self) -> bool:
+        return self.mode == "share"
+
     # --- helpers ------------------------------------------------------------------------------
     def _unselected(self) -> list[str]:
         return [n for group in self.groups for n in group]

@@ -25,7 +25,9 @@ import torch
 from torch.optim import Optimizer
 
 from lightning_lowrank.methods.base import AdapterLayer
+from lightning_lowrank.methods.layers import fill_
 from lightning_lowrank.methods.state import check_tie
+from lightning_lowrank.shard import full_tensor
 from lightning_lowrank.sharing import adapter_parameters
 
 Mode = Literal["share", "drop"]
@@ -79,8 +81,9 @@ def initialise_shared(
     host_params = adapter_parameters(host)
     if how == "mean":
         for pname, hp in host_params.items():
-            stack = [adapter_parameters(layers[m])[pname].double() for m in group]
-            hp.copy_(torch.stack(stack).mean(dim=0).to(hp.dtype))
+            # full tensors (gathered under FSDP2): the mean of the whole adapters
+            stack = [full_tensor(adapter_parameters(layers[m])[pname]).double() for m in group]
+            fill_(hp, torch.stack(stack).mean(dim=0).to(hp.dtype))
         return
     device = next(iter(host_params.values())).device
     devices = (
@@ -92,7 +95,7 @@ def initialise_shared(
         torch.manual_seed(seed)
         fresh = host.config.build({group[0]: host.base})[group[0]]
     for pname, fp in adapter_parameters(fresh).items():
-        host_params[pname].copy_(fp.to(host_params[pname].dtype))
+        fill_(host_params[pname], fp.to(host_params[pname].dtype))
 
 
 def clear_idle_gradients(layers: Mapping[str, AdapterLayer], names: Sequence[str]) -> None:
