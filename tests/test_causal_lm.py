@@ -124,6 +124,15 @@ def test_the_guide_pipeline_trains_merges_saves_and_reloads(tmp_path):
         )
 
 
+def test_llama_targets_are_the_projections_all_linear_selects():
+    from lightning_lowrank.inject import find_targets
+
+    model = tiny_llama()
+    named = find_targets(model, LLAMA_TARGETS)
+    assert len(named) == 2 * 7 and set(named) == set(find_targets(model, "all-linear"))
+    assert not any("lm_head" in n for n in named)
+
+
 def test_generate_is_greedy_and_restores_train_mode():
     model, tok = tiny_llama().train(), char_tokenizer()
     tok.pad_token = tok.eos_token

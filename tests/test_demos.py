@@ -320,3 +320,19 @@ def test_smollm2_loads_as_a_tied_llama(tmp_path, monkeypatch):
     with torch.no_grad():
         logits = model(**ids).logits
     assert logits.shape[-1] == model.config.vocab_size and torch.isfinite(logits).all()
+
+
+@pytest.mark.slow
+def test_demo_prints_accuracy_and_macro_f1_and_saves_the_adapter(tmp_path, capsys):
+    from lightning_lowrank.demos.finetune import main
+
+    result = main(
+        ["--max-steps=2", "--limit-train=20", "--limit-eval=20", "--max-length=16"]
+        + ["--batch-size=4", f"--output={tmp_path}"]
+    )
+    out = capsys.readouterr().out
+    assert re.search(r"test accuracy before fine-tuning: [\d.]+%, macro-F1 [\d.]+", out)
+    assert re.search(r"test accuracy after fine-tuning: [\d.]+%, macro-F1 [\d.]+", out)
+    assert 0 <= result["f1_after"] <= 1 and 0 <= result["acc_after"] <= 1
+    assert (tmp_path / "adapter.safetensors").is_file()
+    assert (tmp_path / "classifier.safetensors").is_file()
