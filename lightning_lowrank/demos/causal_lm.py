@@ -147,8 +147,9 @@ def causal_lm_loader(
 
 # --8<-- [start:generate]
 @torch.no_grad()
-def generate(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = 40) -> str:
-    """Greedy continuation of ``prompt`` (deterministic, so before/after runs compare)."""
+def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 40) -> str:
+    """Greedy continuation of ``prompt`` by a transformers causal LM (deterministic, so
+    before/after runs compare)."""
     was_training = model.training
     model.eval()
     enc = tokenizer(prompt, return_tensors="pt")
@@ -166,7 +167,7 @@ def generate(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int 
 
 
 def finetune_causal_lm(
-    model: nn.Module,
+    model: Any,
     tokenizer: Any,
     train_texts: Sequence[str],
     val_texts: Sequence[str],
@@ -184,6 +185,18 @@ def finetune_causal_lm(
 ) -> dict[str, Any]:
     """Fine-tune ``model`` with LoRA on ``LLAMA_TARGETS``, then save the adapter, merge it and
     save the merged model (``output / "adapter.safetensors"`` and ``output / "merged"``).
+
+    Args:
+        model: a transformers causal LM (``*ForCausalLM``) in float32; adapted in place and, at
+            the end, merged (``unload``).
+        tokenizer: its tokenizer.
+        train_texts: training texts; val_texts: held-out texts for the loss before and after.
+        prompt: the prompt of the greedy generations before and after.
+        output: the folder for the adapter file and the merged model.
+        rank: LoRA rank r; alpha: LoRA alpha (scale ``alpha / r``); lr: AdamW learning rate.
+        max_steps: optimizer steps; batch_size: texts per batch; max_length: tokens per text.
+        max_new_tokens: tokens generated; seed: seeds the run and the data order.
+        verbose: print the results.
 
     Returns:
         The measured numbers and texts: ``val_loss_before`` / ``_after`` (nats per token),

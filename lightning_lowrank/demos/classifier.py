@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
@@ -83,6 +83,11 @@ class TextClassifier(pl.LightningModule):
             }
         )
 
+    def _metrics(self, stage: str) -> dict[str, Metric]:
+        return {
+            k: cast(Metric, m) for k, m in cast(nn.ModuleDict, self.eval_metrics[stage]).items()
+        }
+
     @override
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask)
@@ -93,7 +98,7 @@ class TextClassifier(pl.LightningModule):
         labels = batch["labels"]
         n = len(labels)
         self.log(f"{stage}_loss", F.cross_entropy(logits, labels), prog_bar=True, batch_size=n)
-        for name, metric in self.eval_metrics[stage].items():
+        for name, metric in self._metrics(stage).items():
             metric.update(logits, labels)
             # logging the Metric object (not a value): Lightning calls compute() and reset()
             # at the end of the epoch
@@ -147,7 +152,7 @@ class TextClassifier(pl.LightningModule):
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
-        metrics: dict[str, Metric] = {k: m.to(device) for k, m in self._new_metrics().items()}
+        metrics = {k: cast(Metric, m.to(device)) for k, m in self._new_metrics().items()}
         try:
             for batch in dataloader:
                 mask = batch.get("attention_mask")
