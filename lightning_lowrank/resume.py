@@ -102,7 +102,9 @@ def check_resume(
                 )
 
 
-def loaded_callback_state(trainer_ref: Callable[[], Any], *keys: str) -> dict[str, Any] | None:
+def loaded_callback_state(
+    trainer_ref: Callable[[], Any], *keys: str | type
+) -> dict[str, Any] | None:
     """The callback state stored under the first of ``keys`` in the checkpoint the Trainer is
     resuming from, or None.
 
