@@ -16,10 +16,10 @@ group instead, gathered through the forward and backward (``adapter_group``).
 Frozen and trainable parameters mix freely in one group. Parameters become ``DTensor`` shards
 (``Shard(0)`` over the data-parallel mesh); inside a group's forward and backward FSDP2 swaps in
 the full tensors, so layers compute as on one process. Outside the forward, code that reads
-parameters must gather them: :func:`gathered` swaps every sharded parameter of a model for its
-full tensor (a collective: every rank calls it), and :func:`on_rank_zero` runs a writer on global
+parameters must gather them: ``gathered`` swaps every sharded parameter of a model for its
+full tensor (a collective: every rank calls it), and ``on_rank_zero`` runs a writer on global
 rank 0 only, inside that gather, so files equal the ones a single process writes. Schedules
-use :func:`full_tensor` and :func:`shard_like` to compute on full tensors and write back shards.
+use ``full_tensor`` and ``shard_like`` to compute on full tensors and write back shards.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def root_modules(pl_module: nn.Module) -> list[nn.Module]:
 
 
 def check_shardable(pl_module: nn.Module, parallelize: ParallelizeFn | None = None) -> None:
-    """Raise a ``ValueError`` naming the fix if :func:`shard_model` would refuse ``pl_module``
+    """Raise a ``ValueError`` naming the fix if ``shard_model`` would refuse ``pl_module``
     (called before injecting, so a refusal changes nothing)."""
     if is_sharded(pl_module):
         raise ValueError(_MOVE_SHARDING)
@@ -158,12 +158,12 @@ def shard_model(
     parallelize: ParallelizeFn | None = None,
     adapter_group: bool = False,
 ) -> None:
-    """``fully_shard`` every block, then every root (see the module docstring).
+    """``fully_shard`` every block, then every root (the rule at the top of this module).
 
     Args:
         pl_module: the adapted model; its adapters must already be injected.
         mesh: the data-parallel device mesh (``strategy.device_mesh["data_parallel"]``).
-        blocks: the block classes (see :func:`block_modules`).
+        blocks: the block classes (see ``block_modules``).
         parallelize: replaces the default with ``parallelize(pl_module, mesh)``.
         adapter_group: put every adapter parameter in one FSDP2 group, kept unsharded from the
             first adapter layer's forward through the backward, so that a layer may compute
@@ -229,7 +229,7 @@ def _sharded_slots(model: nn.Module, everything: bool) -> list[tuple[nn.Module, 
     return slots
 
 
-#: non-empty while rank 0 runs a writer inside :func:`on_rank_zero`
+#: non-empty while rank 0 runs a writer inside ``on_rank_zero``
 _WRITING: list[bool] = []
 
 
@@ -241,7 +241,7 @@ def has_sharded_parameters(model: nn.Module) -> bool:
 
 def needs_gather(model: nn.Module) -> bool:
     """True if a writer (``save_adapter``, ``export_peft``) must go through
-    :func:`on_rank_zero`: ``model`` is sharded and no gathered write is under way."""
+    ``on_rank_zero``: ``model`` is sharded and no gathered write is under way."""
     return not _WRITING and has_sharded_parameters(model)
 
 
@@ -277,7 +277,7 @@ def _rank() -> int:
 
 
 def on_rank_zero(model: nn.Module, write: Callable[[], T], everything: bool = False) -> T:
-    """Run ``write()`` once, on global rank 0, inside :func:`gathered` ``(model, everything)``.
+    """Run ``write()`` once, on global rank 0, inside ``gathered`` ``(model, everything)``.
 
     Every rank must call this: all gather, rank 0 writes, the others wait for it and get its
     return value (or the same error). On a model without sharded parameters it calls ``write()``.
@@ -331,7 +331,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_merged(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write :func:`merged_state_dict` to a safetensors file, atomically, from global rank 0
+    """Write ``merged_state_dict`` to a safetensors file, atomically, from global rank 0
     only; on a sharded model every rank must call it. Returns the path."""
     from safetensors.torch import save_file
 

@@ -277,7 +277,7 @@ def finetune_causal_lm(
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """The SmolLM2 run of the guide; returns what :func:`finetune_causal_lm` returns."""
+    """The SmolLM2 run of the guide; returns what ``finetune_causal_lm`` returns."""
     from lightning_lowrank.demos.data import load_fortunes, smoke_mode
     from lightning_lowrank.demos.models import load_smollm2
 

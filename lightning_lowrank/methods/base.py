@@ -228,7 +228,7 @@ class AdapterLayer(LayerState, nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Re-draw :meth:`initial_state` into the adapter (A as the paper says, B zero, ...), as
+        """Re-draw ``initial_state`` into the adapter (A as the paper says, B zero, ...), as
         Lightning does when it materialises a meta-device model; the base resets itself. A
         DTensor shard gets its part of one full draw, as one process would."""
         for name, value in self.initial_state().items():

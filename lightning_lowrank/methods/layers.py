@@ -8,7 +8,7 @@ transformers' GPT-2 ``Conv1D`` stores ``(in, out)``; an embedding table stores
 ``(num_embeddings, embedding_dim)``, treated as the transpose of an ``(out, in)`` matrix with
 ``in = num_embeddings`` (the input is a one-hot vector).
 
-:func:`fill_` writes a full tensor into a plain or a sharded (FSDP2 ``DTensor``) one.
+``fill_`` writes a full tensor into a plain or a sharded (FSDP2 ``DTensor``) one.
 """
 
 from __future__ import annotations
