@@ -57,6 +57,11 @@ from lightning_lowrank.methods.layers import (  # noqa: F401 - re-exported: defi
     own_weight,
     weight_oi,
 )
+from lightning_lowrank.methods.peft_form import (  # noqa: F401 - re-exported
+    PeftExportError,
+    PeftLayer,
+    peft_pair,
+)
 from lightning_lowrank.methods.registry import register_config
 from lightning_lowrank.methods.state import AdapterTie, LayerState
 
@@ -342,41 +347,6 @@ class AdapterLayer(LayerState, nn.Module):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, in={self.in_features}, out={self.out_features}, merged={self.merged}"
-
-
-class PeftExportError(ValueError):
-    """The model's adapter has no exact PEFT LoRA form; the message says what to do instead."""
-
-
-@dataclass
-class PeftLayer:
-    """One adapted layer in PEFT's LoRA form: ``dW = s * lora_B @ lora_A`` with
-    ``s = alpha / r`` (``alpha / sqrt(r)`` if ``rslora``), ``r = lora_A.shape[0]``; with a
-    ``magnitude`` m, DoRA's ``W' = m * (W0 + dW) / ||W0 + dW||_row``."""
-
-    kind: str  # "linear", "conv1d" or "embedding"
-    lora_A: Tensor  # (r, in)
-    lora_B: Tensor  # (out, r)
-    alpha: float
-    rslora: bool
-    magnitude: Tensor | None = None  # DoRA's m, (out,)
-
-    @property
-    def rank(self) -> int:
-        return int(self.lora_A.shape[0])
-
-
-def peft_pair(
-    b: Tensor, a: Tensor, c: Tensor | float, alpha: float, rslora: bool, kind: str | None
-) -> PeftLayer:
-    """PEFT's pair for ``dW = c * b @ a`` under PEFT's scale ``s`` for ``alpha`` and
-    ``r = a.shape[0]``: a ``c`` other than ``s`` (a ramp, AdaLoRA's fixed scale) is folded into
-    A as ``a * (c / s)``, so ``s * b @ a' == c * b @ a``."""
-    s_peft = scale_factor(alpha, a.shape[0], "rslora" if rslora else "standard")
-    c = float(c)
-    if c != s_peft:
-        a = a * (c / s_peft)
-    return PeftLayer(kind=kind or "linear", lora_A=a, lora_B=b, alpha=alpha, rslora=rslora)
 
 
 #: every ``LayerExtension`` subclass by its ``name``, to rebuild one from adapter metadata
