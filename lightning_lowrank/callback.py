@@ -30,7 +30,9 @@ from typing_extensions import override
 from lightning_lowrank.inject import adapter_layers, inject, trainable_parameter_count
 from lightning_lowrank.methods.base import AdapterConfig, AdapterLayer
 from lightning_lowrank.optim import split_optimizer
-from lightning_lowrank.schedules import RankAllocator, Schedule, default_schedules
+from lightning_lowrank.quant.model import quantized_state_keys
+from lightning_lowrank.quant.spec import QuantizeSpec, resolve
+from lightning_lowrank.schedules import DeltaLoRA, RankAllocator, Schedule, default_schedules
 
 
 class LowRankCallback(Callback):
@@ -56,6 +58,9 @@ class LowRankCallback(Callback):
             base model); resume then loads non-strictly for exactly those keys.
         total_steps: total optimizer steps for schedules that need it; by default the Trainer's
             ``estimated_stepping_batches``.
+        quantize_base: ``"nf4"`` (or :class:`~lightning_lowrank.quant.NF4`) stores the adapted
+            layers' frozen weights in 4-bit NF4 at setup, before any strategy wraps the model
+            (see :func:`~lightning_lowrank.inject`).
     """
 
     def __init__(
@@ -69,6 +74,7 @@ class LowRankCallback(Callback):
         schedules: Sequence[Schedule] = (),
         save_adapter_only: bool = True,
         total_steps: int | None = None,
+        quantize_base: QuantizeSpec = None,
     ) -> None:
         if not isinstance(method, AdapterConfig):
             raise TypeError(
@@ -88,6 +94,14 @@ class LowRankCallback(Callback):
         self.schedules: list[Schedule] = everything
         self.save_adapter_only = save_adapter_only
         self.total_steps = total_steps
+        self.quantize_base = resolve(quantize_base)
+        if self.quantize_base is not None and any(
+            isinstance(s, DeltaLoRA) and s.mode == "inplace" for s in self.schedules
+        ):
+            raise ValueError(
+                "DeltaLoRA(mode='inplace') writes into the base weights, which quantize_base "
+                "stores in 4 bits: use DeltaLoRA(mode='implicit') over a quantized base"
+            )
         self.layers: dict[str, AdapterLayer] = {}
         self._module: pl.LightningModule | None = None
         self._last_step = 0
@@ -117,6 +131,7 @@ class LowRankCallback(Callback):
             target_modules=self.target_modules,
             exclude_modules=self.exclude_modules,
             train_modules=self.train_modules,
+            quantize_base=self.quantize_base,
         )
         self._module = pl_module
         self.layers = {n: cast(AdapterLayer, pl_module.get_submodule(n)) for n in names}
@@ -206,7 +221,7 @@ class LowRankCallback(Callback):
             if owner is not None and keep_base:
                 continue  # a schedule changes this base weight (Delta-LoRA)
             drop.add(name)
-        return drop
+        return drop | quantized_state_keys(pl_module)  # the 4-bit storage's own entries
 
     @override
     def on_save_checkpoint(

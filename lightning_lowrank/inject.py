@@ -14,9 +14,18 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Sequence
 
+import torch
 from torch import nn
 
-from lightning_lowrank.methods.base import AdapterConfig, AdapterLayer, layer_kind
+from lightning_lowrank.methods.base import (
+    AdapterConfig,
+    AdapterLayer,
+    layer_kind,
+    refuse_quantized_merge,
+)
+from lightning_lowrank.methods.layers import is_quantized
+from lightning_lowrank.quant import model as quant
+from lightning_lowrank.quant.spec import QuantizeSpec, resolve
 
 TargetSpec = str | Sequence[str]
 
@@ -108,6 +117,7 @@ def inject(
     exclude_modules: TargetSpec | None = None,
     train_modules: Sequence[str] | None = None,
     layer_meta: dict | None = None,
+    quantize_base: QuantizeSpec = None,
 ) -> list[str]:
     """Wrap the selected layers of ``model`` in adapters, in place, and freeze everything else.
 
@@ -119,6 +129,11 @@ def inject(
         train_modules: modules left fully trainable (e.g. a freshly initialised classifier head),
             matched like a list of ``target_modules``.
         layer_meta: per-layer keyword arguments for rebuilding layers from an adapter file.
+        quantize_base: ``"nf4"`` (or :class:`~lightning_lowrank.quant.NF4`) stores the adapted
+            layers' frozen weights in 4-bit NF4 (bitsandbytes ``Linear4bit``) before the adapters
+            are built; ``NF4(frozen_linear=True)`` also quantizes the other frozen linear layers
+            except the output head. Layers already quantized by bitsandbytes are adapted as
+            they are, with or without this argument.
 
     Returns:
         The qualified names of the adapted modules.
@@ -128,8 +143,13 @@ def inject(
             "adapters are already injected into this model: call unload(model) first, or load a "
             "saved adapter with load_adapter(model, path)"
         )
-    layers = build_layers(model, method, target_modules, exclude_modules, layer_meta)
+    spec = resolve(quantize_base)
+    plan = {n: spec for n in find_targets(model, target_modules, exclude_modules)} if spec else {}
+    layers = build_layers(model, method, target_modules, exclude_modules, layer_meta, plan)
     attach(model, layers, train_modules)
+    if spec is not None:
+        heads = _output_head_names(model)
+        quant.quantize_named(model, quant.frozen_linear_plan(model, spec, heads, set(layers)))
     return list(layers)
 
 
@@ -139,8 +159,11 @@ def build_layers(
     target_modules: TargetSpec,
     exclude_modules: TargetSpec | None = None,
     layer_meta: dict | None = None,
+    quantize_plan: quant.Plan | None = None,
 ) -> dict[str, AdapterLayer]:
-    """Create the adapter layers for ``model`` without attaching them (the model is unchanged)."""
+    """Create the adapter layers for ``model`` without attaching them (the model is unchanged).
+
+    The targets ``quantize_plan`` names get quantized copies of their base layers."""
     if not isinstance(method, AdapterConfig):
         raise TypeError(
             f"method must be a method config such as LoRA(rank=8), got {type(method).__name__}"
@@ -148,6 +171,9 @@ def build_layers(
     targets = find_targets(model, target_modules, exclude_modules)
     for name, base in targets.items():
         method.validate_layer(name, base)
+    quant.check_method(method, targets, quantize_plan or {})
+    if quantize_plan:
+        targets = quant.quantize_bases(targets, quantize_plan)
     return method.build(targets, layer_meta)
 
 
@@ -181,8 +207,16 @@ def _iter_layers(model: nn.Module) -> Iterator[AdapterLayer]:
 
 
 def merge(model: nn.Module) -> None:
-    """Fold every adapter's delta into its base weight (inference runs at the base model's cost)."""
-    for layer in _iter_layers(model):
+    """Fold every adapter's delta into its base weight (inference runs at the base model's cost).
+
+    Raises:
+        ValueError: a base is quantized (use :func:`unload` with a ``dtype``); nothing is merged.
+    """
+    layers = list(_iter_layers(model))
+    for layer in layers:
+        if not layer.merged:
+            refuse_quantized_merge(layer)
+    for layer in layers:
         layer.merge()
 
 
@@ -201,11 +235,20 @@ def set_step(model: nn.Module, step: int) -> None:
         layer.set_step(step)
 
 
-def unload(model: nn.Module) -> nn.Module:
-    """Merge every adapter and put the plain base layers back. Returns ``model``."""
+def unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Merge every adapter and put plain base layers back. Returns ``model``.
+
+    A quantized base is never requantized: its layer becomes a plain ``nn.Linear`` holding
+    ``W = dequantize(W0) + dW`` (summed in float32 or wider), in ``dtype`` or, by default, the
+    base's compute dtype. With ``dtype``, the other unloaded layers are cast to it as well.
+    """
     for name, layer in list(adapter_layers(model).items()):
-        layer.merge()
-        _set_submodule(model, name, layer.base)
+        if is_quantized(layer.base) and not layer.merged:
+            plain = quant.unloaded_linear(layer, dtype)
+        else:
+            layer.merge()
+            plain = layer.base if dtype is None else layer.base.to(dtype)
+        _set_submodule(model, name, plain)
     return model
 
 

@@ -1,10 +1,12 @@
 """Adapter files: safetensors only (never pickle), with the method config in the metadata.
 
 A file holds each adapter layer's parameters and persistent buffers under
-``"<module name>.<tensor name>"`` and four metadata entries (JSON strings): ``method`` (the config
+``"<module name>.<tensor name>"`` and metadata entries (JSON strings): ``method`` (the config
 and its type), ``layers`` (the adapted module names and per-layer rebuild facts), ``extensions``
-(the layer extensions to rebuild, e.g. Delta-LoRA's base update; absent in older files) and
-``extra`` (state that scheduled methods attach, e.g. a selection or a base delta description).
+(the layer extensions to rebuild, e.g. Delta-LoRA's base update; absent in older files),
+``extra`` (state that scheduled methods attach, e.g. a selection or a base delta description) and
+``quantization`` (how each quantized layer of the base was stored, e.g. ``{"format": "nf4",
+"blocksize": 64, ...}``; loading into a dense model quantizes those layers the same way).
 
 Saving writes a temporary file next to the target and renames it, so a crash never leaves a
 half-written adapter. Loading validates every key and shape against the model before anything is
@@ -33,6 +35,7 @@ from lightning_lowrank.methods.base import (
     AdapterLayer,
     LayerExtension,
 )
+from lightning_lowrank.quant import model as quant
 from lightning_lowrank.sharing import (
     check_shared,
     freeze_idle,
@@ -109,6 +112,7 @@ def save_adapter(
         ),
         "extra": json.dumps(extra or {}),
         "shared": json.dumps(shared_map(layers)),
+        "quantization": json.dumps(quant.record(model)),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -150,6 +154,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, 
             "extra": json.loads(raw.get("extra", "{}")),
             "extensions": json.loads(raw.get("extensions", "{}")),
             "shared": json.loads(raw.get("shared", "{}")),
+            "quantization": json.loads(raw.get("quantization", "{}")),
         }
     except (KeyError, json.JSONDecodeError) as err:
         raise ValueError(f"{path} has corrupt adapter metadata ({err})") from err
@@ -234,7 +239,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
                 "saved from another model"
             )
         exact = "|".join(re.escape(n) for n in layer_meta)
-        layers = build_layers(model, method, exact, layer_meta=layer_meta)
+        # a base recorded as quantized is quantized the same way here, if it is still dense
+        plan = quant.plan_from_record(model, meta["quantization"], str(path))
+        layers = build_layers(model, method, exact, layer_meta=layer_meta, quantize_plan=plan)
         if sorted(layers) != sorted(layer_meta):
             raise ValueError(f"adapter file {path} does not match this model's module names")
         for n, ext in _build_extensions(layers, meta["extensions"], path).items():
@@ -249,6 +256,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
         _check_state(stored_state(expected, layers), tensors, path)
         attach(model, layers)
         freeze_idle(layers)  # after attach, which sets what trains from param_sides
+        quant.quantize_named(model, {n: s for n, s in plan.items() if n not in layers})
     _copy_into(layers, tensors)
     return list(layers)
 

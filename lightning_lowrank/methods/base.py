@@ -45,7 +45,12 @@ from torch import Tensor, nn
 from lightning_lowrank.methods.fused import fusable, low_rank_linear
 
 # layer_kind, layer_shape and weight_oi are re-exported: they were defined here first
-from lightning_lowrank.methods.layers import layer_kind, layer_shape, weight_oi
+from lightning_lowrank.methods.layers import (
+    is_quantized,
+    layer_kind,
+    layer_shape,
+    weight_oi,
+)
 from lightning_lowrank.methods.registry import register_config
 from lightning_lowrank.methods.state import AdapterTie, LayerState
 
@@ -265,6 +270,7 @@ class AdapterLayer(LayerState, nn.Module):
         """Fold the delta into the base weight; the forward then costs what the base costs."""
         if self.merged:
             return
+        refuse_quantized_merge(self)
         delta = self.merged_delta()
         if not torch.isfinite(delta).all():
             raise ValueError("refusing to merge: the adapter's delta has non-finite values")
@@ -361,6 +367,17 @@ class LayerExtension(nn.Module):
     def from_metadata(cls, layer: AdapterLayer, meta: dict[str, Any]) -> LayerExtension:
         """Rebuild the extension for ``layer`` (buffers are then filled from the file)."""
         raise NotImplementedError
+
+
+def refuse_quantized_merge(layer: AdapterLayer) -> None:
+    """Raise if ``layer``'s base is quantized: merging in place would round the delta into the
+    4-bit storage (an error of the order of the quantisation step, silently)."""
+    if is_quantized(layer.base):
+        raise ValueError(
+            f"cannot merge in place into the quantized {type(layer.base).__name__} base: use "
+            "unload(model, dtype=torch.float32) (or another dtype), which returns plain layers "
+            "holding the dequantized base plus the delta"
+        )
 
 
 def embed_or_linear(layer: AdapterLayer, x: Tensor, a: Tensor) -> Tensor:

@@ -1,7 +1,8 @@
 """The base layers an adapter can wrap, their shapes and their weights in ``(out, in)`` orientation.
 
-A leaf module: it imports nothing else from the package, so the protocol (``methods/base.py``) and
-the fused passes (``methods/fused.py``) can both rely on it without importing each other.
+A leaf module: it imports nothing else from the package but the quantisation backend's leaf
+(``quant/backend.py``, which imports no backend until used), so the protocol (``methods/base.py``)
+and the fused passes (``methods/fused.py``) can both rely on it without importing each other.
 
 Weights are always spoken of in ``(out, in)`` orientation. ``nn.Linear`` stores ``(out, in)``;
 transformers' GPT-2 ``Conv1D`` stores ``(in, out)``; an embedding table stores
@@ -13,7 +14,10 @@ from __future__ import annotations
 
 from typing import cast
 
+import torch
 from torch import Tensor, nn
+
+from lightning_lowrank.quant.backend import compute_dtype, dequantize, quant_format
 
 
 def conv1d_type() -> type[nn.Module] | None:
@@ -56,7 +60,17 @@ def layer_shape(module: nn.Module) -> tuple[int, int]:
 
 
 def weight_oi(module: nn.Module) -> Tensor:
-    """The base weight as an ``(out, in)`` view that shares storage with the parameter."""
+    """The base weight as an ``(out, in)`` view that shares storage with the parameter.
+
+    Raises:
+        TypeError: the layer stores its weight quantized (no dense view exists: read it with
+            :func:`dense_weight_oi`).
+    """
+    if is_quantized(module):
+        raise TypeError(
+            f"the {type(module).__name__} base stores its weight quantized: it has no dense "
+            "(out, in) view to read or write in place. Merge with unload(model, dtype=...)"
+        )
     kind = layer_kind(module)
     if kind == "linear":
         return cast(Tensor, module.weight)
@@ -65,4 +79,36 @@ def weight_oi(module: nn.Module) -> Tensor:
     raise TypeError(f"unsupported layer type {type(module).__name__}")
 
 
-__all__ = ["conv1d_type", "layer_kind", "layer_shape", "weight_oi"]
+# --- quantized bases (lightning_lowrank/quant): the few facts the methods need ------------------
+def is_quantized(module: nn.Module) -> bool:
+    """Whether ``module`` is a quantized linear layer (bitsandbytes ``Linear4bit`` or an int8
+    ``Linear8bitLt``): its weight is frozen storage, read through :func:`dense_weight_oi`."""
+    return quant_format(module) is not None
+
+
+def weight_dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """The dtype adapters of ``module`` hold their parameters in (a quantized layer's compute
+    dtype, else its weight's) and the device of its weight."""
+    weight = cast(Tensor, module.weight)
+    dtype = compute_dtype(module) if is_quantized(module) else weight.dtype
+    return dtype, weight.device
+
+
+def dense_weight_oi(module: nn.Module, dtype: torch.dtype | None = None) -> Tensor:
+    """The base weight in ``(out, in)`` orientation as a dense tensor: :func:`weight_oi` itself
+    for a plain layer (cast to ``dtype`` if given), a dequantized copy for a quantized one."""
+    if is_quantized(module):
+        return dequantize(module, dtype)
+    w = weight_oi(module)
+    return w if dtype is None else w.to(dtype)
+
+
+__all__ = [
+    "conv1d_type",
+    "dense_weight_oi",
+    "is_quantized",
+    "layer_kind",
+    "layer_shape",
+    "weight_dtype_device",
+    "weight_oi",
+]

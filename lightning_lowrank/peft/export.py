@@ -27,6 +27,7 @@ from lightning_lowrank.peft.names import (
     relative,
     target_modules,
 )
+from lightning_lowrank.quant.model import record as quant_record
 
 
 def _peft_form(name: str, layer: AdapterLayer) -> PeftLayer | None:
@@ -194,14 +195,27 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, root: str | None
         PeftExportError: a layer's method has no exact PEFT form; the message says what to do.
     """
     config, tensors = peft_adapter(model, root)
+    metadata = {"format": "pt", **base_quantization_note(model, root)}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(
-        directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"})
-    )
+    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata=metadata))
     text = json.dumps(config, indent=2, sort_keys=True)
     _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text + "\n"))
     return directory
+
+
+def base_quantization_note(model: nn.Module, root: str | None = None) -> dict[str, str]:
+    """``{"base_quantization": JSON}`` naming how the base's quantized layers are stored (PEFT
+    names, e.g. ``{"model.layers.0.self_attn.q_proj": {"format": "nf4", ...}}``), or ``{}``.
+
+    It goes into the safetensors metadata, which PEFT ignores: the adapter applies to the dense
+    base too, but it was trained over (and matches outputs exactly over) the quantized one."""
+    recorded = quant_record(model)
+    if not recorded:
+        return {}
+    root = export_root(model, list(adapter_layers(model)), root)
+    inner = {relative(n, root): v for n, v in recorded.items() if inside(n, root)}
+    return {"base_quantization": json.dumps(inner, sort_keys=True)}
 
 
 def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:

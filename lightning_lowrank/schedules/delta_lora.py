@@ -38,12 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_lowrank.methods.base import (
-    AdapterLayer,
-    LayerExtension,
-    embed_or_linear,
-    weight_oi,
-)
+from lightning_lowrank.methods.base import AdapterLayer, LayerExtension, embed_or_linear, weight_oi
+from lightning_lowrank.methods.layers import is_quantized
 from lightning_lowrank.schedules.base import Schedule
 
 Mode = Literal["inplace", "implicit"]
@@ -219,6 +215,12 @@ class DeltaLoRA(Schedule):
     ) -> None:
         for name, layer in layers.items():
             _check_layer(name, layer)
+            if self.mode == "inplace" and is_quantized(layer.base):
+                raise ValueError(
+                    f"DeltaLoRA(mode='inplace') would write into the quantized base of {name!r} "
+                    "(4-bit storage has no dense weight to update): use mode='implicit', which "
+                    "adds the same term in the forward and leaves the base untouched"
+                )
         for layer in layers.values():
             factors = layer.low_rank_factors()
             rank = None if factors is None else int(factors[0].shape[1])
