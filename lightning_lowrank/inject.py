@@ -243,6 +243,7 @@ def unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     base's compute dtype. With ``dtype``, the other unloaded layers are cast to it as well.
     """
     for name, layer in list(adapter_layers(model).items()):
+        plain: nn.Module
         if is_quantized(layer.base) and not layer.merged:
             plain = quant.unloaded_linear(layer, dtype)
         else:

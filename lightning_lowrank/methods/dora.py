@@ -107,6 +107,7 @@ class DoRAMagnitude:
     base: nn.Module
     kind: str | None
     merged: bool
+    base_norm_sq: Tensor | None  # a buffer: ||W0||^2 per row over a quantized base
     register_buffer: Callable[..., None]
     fused_low_rank: Callable[..., Tensor | None]
     #: the row factor ``m / ||V||`` folded into the base weight while merged, else None

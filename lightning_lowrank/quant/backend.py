@@ -16,7 +16,7 @@ bfloat16 absmax the packed forward itself uses, leaving the layer as it is.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -96,7 +96,7 @@ def dequantize(module: nn.Module, dtype: torch.dtype | None = None) -> Tensor:
     if fmt == "int8":
         scb = weight.SCB
         if scb is None:  # the first forward moves the row scales into the layer's state
-            scb = module.state.SCB
+            scb = cast(Any, module).state.SCB
         dense = functional.int8_vectorwise_dequant(weight.data, scb)
     else:
         state = _state_4bit(module)

@@ -13,7 +13,7 @@ quantized (bitsandbytes ``Linear4bit``, int8 ``Linear8bitLt``) are adapted as th
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -56,7 +56,7 @@ def quantize_bases(bases: dict[str, nn.Module], plan: Plan) -> dict[str, nn.Modu
             continue
         reason = quantizable(base, plan[name].blocksize)
         if reason is None:
-            out[name] = quantize_linear(base, plan[name])
+            out[name] = quantize_linear(cast(nn.Linear, base), plan[name])
         else:
             out[name] = base
             skipped[name] = reason
@@ -99,7 +99,9 @@ def quantize_named(model: nn.Module, plan: Plan) -> list[str]:
             continue
         parent, _, child = name.rpartition(".")
         setattr(
-            model.get_submodule(parent) if parent else model, child, quantize_linear(module, spec)
+            model.get_submodule(parent) if parent else model,
+            child,
+            quantize_linear(cast(nn.Linear, module), spec),
         )
         done.append(name)
     return done
