@@ -185,6 +185,16 @@ def causal_lines() -> list[str]:
     return lines + [causal_report(json.loads(path.read_text())), ""]
 
 
+def _fsdp_section() -> list[str]:
+    """The FSDP2-against-DDP memory table, when ``fsdp_memory.json`` exists."""
+    path = RESULTS / "fsdp_memory.json"
+    if not path.exists():
+        return []
+    from benchmarks.fsdp_memory import markdown_section
+
+    return [*markdown_section(json.loads(path.read_text())), ""]
+
+
 def render_benchmarks() -> str | None:
     path = RESULTS / "speed.json"
     if not path.exists():
@@ -214,6 +224,7 @@ def render_benchmarks() -> str | None:
             markdown_report(res),
             "",
             *causal_lines(),
+            *_fsdp_section(),
             "## Reading the numbers",
             "",
             "- Timings count the CPU time of the benchmark process (torch on one thread), which "

@@ -31,6 +31,7 @@ from lightning_lowrank.methods import (
 from lightning_lowrank.optim import lora_plus_param_groups, split_optimizer
 from lightning_lowrank.peft import export_peft, import_peft
 from lightning_lowrank.pretrain import sltrain_pretrain
+from lightning_lowrank.resume import load_adapter_checkpoint
 from lightning_lowrank.schedules import DeltaLoRA, LoRADrop, RankAllocator, Schedule
 from lightning_lowrank.sharing import retie_shared
 
@@ -80,6 +81,7 @@ __all__ = [
     "inject",
     "intruder_dimensions",
     "load_adapter",
+    "load_adapter_checkpoint",
     "lora_plus_param_groups",
     "merge",
     "read_adapter",

@@ -19,7 +19,7 @@ dimensionality"): with singular values ``sigma_i`` of a matrix and ``p_i = sigma
 a real number between 1 (one direction carries everything) and the rank (a flat spectrum).
 
 The model-level functions use only the adapter protocol: ``W0`` is the base layer's weight in
-``(out, in)`` orientation (:func:`~lightning_lowrank.methods.base.weight_oi`) and
+``(out, in)`` orientation (``weight_oi``) and
 ``W = W0 + delta_weight()``.
 """
 
@@ -111,7 +111,7 @@ def intruder_dimensions(w0: Tensor, w: Tensor, k: int = 10, epsilon: float = 0.5
         epsilon: the similarity threshold (0.5 in the paper, which also sweeps it).
 
     Returns:
-        An :class:`IntruderResult`.
+        An [`IntruderResult`][lightning_lowrank.analysis.IntruderResult].
     """
     if w0.shape != w.shape or w0.dim() != 2:
         raise ValueError(
@@ -128,7 +128,7 @@ def intruder_dimensions(w0: Tensor, w: Tensor, k: int = 10, epsilon: float = 0.5
 
 
 def classify_intruders(sims: Tensor, top: Tensor, epsilon: float) -> IntruderResult:
-    """An :class:`IntruderResult` from the similarities of :func:`intruder_similarities`."""
+    """An [`IntruderResult`][lightning_lowrank.analysis.IntruderResult] from the similarities of [`intruder_similarities`][lightning_lowrank.analysis.intruder_similarities]."""
     hits = (sims < epsilon).nonzero().flatten().tolist()
     return IntruderResult(len(hits), sims, hits, top, epsilon)
 
@@ -164,10 +164,10 @@ def adapted_weights(layer: AdapterLayer) -> tuple[Tensor, Tensor]:
 def model_intruder_dimensions(
     model: nn.Module, k: int = 10, epsilon: float = 0.5
 ) -> dict[str, IntruderResult]:
-    """:func:`intruder_dimensions` for every adapter layer of ``model``, keyed by layer name.
+    """[`intruder_dimensions`][lightning_lowrank.analysis.intruder_dimensions] for every adapter layer of ``model``, keyed by layer name.
 
     ``W0`` is the base layer's weight and ``W = W0 + delta_weight()``. (Under Delta-LoRA the base
-    weight itself moves; use :class:`~lightning_lowrank.monitor.AdapterMonitor`, which keeps the
+    weight itself moves; use [`AdapterMonitor`][lightning_lowrank.AdapterMonitor], which keeps the
     pre-trained spectrum from the start of training.)
     """
     layers = adapter_layers(model)
@@ -223,7 +223,7 @@ def plot_rank_allocation(source: Any, ax: Any = None, total_steps: int | None = 
     """Draw AdaLoRA's rank allocation as a heat-map: layers (rows) x optimizer steps (columns).
 
     Args:
-        source: as for :func:`rank_allocation_matrix`.
+        source: as for [`rank_allocation_matrix`][lightning_lowrank.analysis.rank_allocation_matrix].
         ax: a matplotlib ``Axes`` to draw on; a new figure is made when ``None``.
         total_steps: extend the last recorded pattern up to this step (the pattern is fixed in
             AdaLoRA's final phase, so the record ends early).

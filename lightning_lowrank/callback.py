@@ -4,7 +4,8 @@ The callback is a thin Lightning layer over ``inject``, ``optim`` and ``schedule
 
 - ``setup``: builds the module's layers if it uses ``configure_model`` (which must be idempotent),
   injects the adapters and freezes the base, before the strategy wraps the model and before
-  ``configure_optimizers`` runs;
+  ``configure_optimizers`` runs; under ``ModelParallelStrategy`` it then shards the model with
+  FSDP2 (``shard.py``);
 - ``on_fit_start``: splits the optimizer into LoRA+ groups when ``lr_ratio`` is set (before any
   optimizer state is restored, so resumed states line up);
 - once per optimizer step (never per micro-batch): tells every layer the step count (SingLoRA's
@@ -15,24 +16,39 @@ The callback is a thin Lightning layer over ``inject``, ``optim`` and ``schedule
 
 from __future__ import annotations
 
-import math
+import functools
 from collections.abc import Sequence
 from typing import Any, cast
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_lowrank.inject import adapter_layers, inject, trainable_parameter_count
-from lightning_lowrank.methods.base import AdapterConfig, AdapterLayer
+from lightning_lowrank.guards import check_ownership, check_single_callback, check_strategy
+from lightning_lowrank.inject import (
+    adapter_layers,
+    check_target_spec,
+    inject,
+    trainable_parameter_count,
+)
+from lightning_lowrank.methods.base import AdapterConfig, AdapterLayer, check_int, check_number
 from lightning_lowrank.optim import split_optimizer
 from lightning_lowrank.quant.model import quantized_state_keys
-from lightning_lowrank.quant.spec import QuantizeSpec, resolve
-from lightning_lowrank.schedules import DeltaLoRA, RankAllocator, Schedule, default_schedules
+from lightning_lowrank.quant.spec import QuantizeSpec, check_schedules_over, resolve
+from lightning_lowrank.resume import base_fingerprint, check_resume
+from lightning_lowrank.schedules import Schedule, default_schedules
+from lightning_lowrank.shard import ParallelizeFn, check_shardable, shard_model
+from lightning_lowrank.shard import check_strategy as check_sharding
+from lightning_lowrank.trainer_steps import (
+    check_schedules,
+    configure_model_for,
+    estimated_steps,
+    steps_per_epoch,
+)
 
 
 class LowRankCallback(Callback):
@@ -58,9 +74,14 @@ class LowRankCallback(Callback):
             base model); resume then loads non-strictly for exactly those keys.
         total_steps: total optimizer steps for schedules that need it; by default the Trainer's
             ``estimated_stepping_batches``.
-        quantize_base: ``"nf4"`` (or :class:`~lightning_lowrank.quant.NF4`) stores the adapted
-            layers' frozen weights in 4-bit NF4 at setup, before any strategy wraps the model
-            (see :func:`~lightning_lowrank.inject`).
+        quantize_base: ``"nf4"`` (or ``quant.NF4``) stores the adapted layers' frozen weights in
+            4-bit NF4 at setup, before any strategy wraps the model (see ``inject``).
+        shard_blocks: under ``ModelParallelStrategy``: the classes (or class names) of the blocks
+            that get one FSDP2 group each; default: a transformers model's ``_no_split_modules``,
+            else the entries of the longest ``nn.ModuleList`` (``shard.block_modules``).
+        parallelize: under ``ModelParallelStrategy``: ``parallelize(pl_module, mesh)`` shards the
+            adapted model instead of the default (it must shard, with ``fully_shard``, every
+            module whose forward is called).
     """
 
     def __init__(
@@ -75,16 +96,28 @@ class LowRankCallback(Callback):
         save_adapter_only: bool = True,
         total_steps: int | None = None,
         quantize_base: QuantizeSpec = None,
+        shard_blocks: Sequence[type | str] | None = None,
+        parallelize: ParallelizeFn | None = None,
     ) -> None:
         if not isinstance(method, AdapterConfig):
             raise TypeError(
                 f"method must be a method config such as LoRA(rank=8), got {type(method).__name__}"
             )
-        if lr_ratio is not None and lr_ratio <= 0:
-            raise ValueError(f"lr_ratio must be positive, got {lr_ratio}")
+        if lr_ratio is not None:
+            lr_ratio = check_number("lr_ratio", lr_ratio)
+            if lr_ratio <= 0:
+                raise ValueError(f"lr_ratio must be positive (LoRA+ uses 16), got {lr_ratio}")
+        embedding_lr = check_number("embedding_lr", embedding_lr, minimum=0.0)
+        check_target_spec("target_modules", target_modules)
+        check_target_spec("exclude_modules", exclude_modules, optional=True)
+        check_target_spec("train_modules", train_modules, optional=True)
+        if isinstance(train_modules, str):
+            raise ValueError(f"train_modules must be a list of module names, got {train_modules!r}")
+        if total_steps is not None:
+            total_steps = check_int("total_steps", total_steps, minimum=1)
         given = list(schedules)
         everything = given + default_schedules(method, given)
-        _check_schedules(method, everything)
+        check_schedules(method, everything)
         self.method = method
         self.target_modules = target_modules
         self.exclude_modules = exclude_modules
@@ -94,28 +127,35 @@ class LowRankCallback(Callback):
         self.schedules: list[Schedule] = everything
         self.save_adapter_only = save_adapter_only
         self.total_steps = total_steps
-        self.quantize_base = resolve(quantize_base)
-        if self.quantize_base is not None and any(
-            isinstance(s, DeltaLoRA) and s.mode == "inplace" for s in self.schedules
-        ):
-            raise ValueError(
-                "DeltaLoRA(mode='inplace') writes into the base weights, which quantize_base "
-                "stores in 4 bits: use DeltaLoRA(mode='implicit') over a quantized base"
-            )
+        self.quantize_base = check_schedules_over(resolve(quantize_base), self.schedules)
+        self.shard_blocks = shard_blocks
+        self.parallelize = parallelize
         self.layers: dict[str, AdapterLayer] = {}
         self._module: pl.LightningModule | None = None
         self._last_step = 0
+        self._total: int | None = None
+        self._offset = 0  # optimizer steps of earlier fits in other Trainers (docs: reuse)
+        self._fingerprint: list[list[float]] = []
+        self._init_from_base = False
+        self._restore_hook: Any = None
+        self._sharded = False
 
     # --- setup ------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
-            raise ValueError(
-                f"LowRankCallback supports single-device and DDP strategies, not "
-                f"{type(trainer.strategy).__name__}: use strategy='ddp' (or 'auto' on one device)"
-            )
+        # FSDP1 and tensor parallelism get their own messages; then only tested strategies pass
+        sharded = check_sharding(trainer.strategy)
+        if not sharded:
+            check_strategy(trainer.strategy)
+        check_single_callback(trainer, self)
+        check_ownership(self, pl_module)
         if self._module is pl_module and self.layers:
-            return  # a later trainer.fit/validate/test on the same module: already injected
+            # a later trainer.fit/validate/test on the same module continues its run; a fit
+            # tells the schedules its length (validate/test may have run first: docs, reuse)
+            if stage == "fit":
+                total = self.total_steps
+                self._total = total if total is not None else estimated_steps(trainer)
+            return
         if adapter_layers(pl_module):
             raise ValueError(
                 "the model already has adapters (inject was called on it, or another "
@@ -124,7 +164,9 @@ class LowRankCallback(Callback):
         if is_overridden("configure_model", pl_module):
             # Lightning calls configure_model after this hook; layers must exist to be adapted,
             # so it is called here first (it must be idempotent, as Lightning requires anyway)
-            pl_module.configure_model()
+            configure_model_for(trainer, pl_module, sharded)
+        if sharded:
+            check_shardable(pl_module, self.parallelize)
         names = inject(
             pl_module,
             self.method,
@@ -135,12 +177,27 @@ class LowRankCallback(Callback):
         )
         self._module = pl_module
         self.layers = {n: cast(AdapterLayer, pl_module.get_submodule(n)) for n in names}
+        # built on the meta device: Lightning materialises it in strategy.setup, resetting each
+        # base after its adapter layer, so base-dependent adapter init waits for on_fit_start
+        self._init_from_base = any(p.is_meta for p in pl_module.parameters())
+        # a meta-built base has no values yet: its resume check compares shapes and config only
+        self._fingerprint = [] if self._init_from_base else base_fingerprint(self.layers)
+        # Lightning loads a resumed checkpoint's tensors before on_load_checkpoint: a rank that
+        # differs gets this library's message there, not torch's size mismatch
+        pl_module.register_load_state_dict_pre_hook(self._check_loaded_shapes)
         if self.save_adapter_only:
             pl_module.strict_loading = False
-        total = self.total_steps if self.total_steps is not None else _estimated_steps(trainer)
+        total = self.total_steps if self.total_steps is not None else estimated_steps(trainer)
+        self._total = total
         for schedule in self.schedules:
             schedule.setup(pl_module, self.layers, total)
+            schedule._lowrank_owner = self  # type: ignore[attr-defined]  # one run's state
         self._log_messages()
+        self._sharded = sharded
+        if sharded:
+            mesh = cast(ModelParallelStrategy, trainer.strategy).device_mesh["data_parallel"]
+            shared = any(s.shares_adapters() for s in self.schedules)
+            shard_model(pl_module, mesh, self.shard_blocks, self.parallelize, shared)
         rank_zero_info(
             f"LowRankCallback: {type(self.method).__name__} on {len(names)} layers, "
             f"{trainable_parameter_count(pl_module):,} trainable parameters"
@@ -148,6 +205,18 @@ class LowRankCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.save_adapter_only and self._sharded:
+            # ModelParallelStrategy restores a checkpoint after this hook, loading every key of
+            # the model's state_dict; an adapter-only checkpoint has no frozen ones, so until
+            # on_train_start (restore done) the state_dict leaves them out
+            drop = self._droppable_keys(pl_module)
+            self._restore_hook = pl_module.register_state_dict_post_hook(
+                lambda module, state, prefix, meta: _drop_keys(state, drop, prefix)
+            )
+        if self._init_from_base:
+            self._init_from_base = False
+            for layer in self.layers.values():
+                layer.init_from_base()
         if self.lr_ratio is None:
             return
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
@@ -165,15 +234,20 @@ class LowRankCallback(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # after checkpoint restore: a resumed run continues from the restored step
-        self._last_step = trainer.global_step
-        for layer in self.layers.values():
-            layer.set_step(trainer.global_step)
-        steps_per_epoch = _steps_per_epoch(trainer)
+        self._remove_restore_hook()  # the checkpoint has been restored
+        # after checkpoint restore: a resumed run continues from the restored step; a later fit
+        # in a new Trainer (whose global_step starts at 0) continues this run's step count
+        self._offset = max(0, self._last_step - trainer.global_step)
+        step = self._last_step = trainer.global_step + self._offset
+        per_epoch = steps_per_epoch(trainer)
         for schedule in self.schedules:
-            schedule.train_start(
-                pl_module, self.layers, trainer.global_step, steps_per_epoch, trainer.optimizers
-            )
+            # the train dataloader is loaded now: fail before the first step when a schedule
+            # needs a run length this run does not know
+            schedule.check_run_length(self._total, per_epoch)
+        for layer in self.layers.values():
+            layer.set_step(step)
+        for schedule in self.schedules:
+            schedule.train_start(pl_module, self.layers, step, per_epoch, trainer.optimizers)
 
     # --- per optimizer step -----------------------------------------------------------------
     @override
@@ -181,7 +255,9 @@ class LowRankCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
         for schedule in self.schedules:
-            schedule.before_optimizer_step(pl_module, self.layers, trainer.global_step)
+            schedule.before_optimizer_step(
+                pl_module, self.layers, trainer.global_step + self._offset
+            )
 
     @override
     def on_train_batch_end(
@@ -192,7 +268,7 @@ class LowRankCallback(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        step = trainer.global_step
+        step = trainer.global_step + self._offset
         if step == self._last_step:
             return  # a micro-batch under gradient accumulation: no optimizer step happened
         self._last_step = step
@@ -206,6 +282,15 @@ class LowRankCallback(Callback):
         for schedule in self.schedules:
             for message in schedule.pop_messages():
                 rank_zero_info(message)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_restore_hook()  # a fit that failed before on_train_start
+
+    def _remove_restore_hook(self) -> None:
+        if self._restore_hook is not None:
+            self._restore_hook.remove()
+            self._restore_hook = None
 
     # --- checkpoints ------------------------------------------------------------------------
     def _droppable_keys(self, pl_module: pl.LightningModule) -> set[str]:
@@ -234,11 +319,23 @@ class LowRankCallback(Callback):
         for key in [k for k in state if k in drop]:
             del state[key]
 
+    def _check_loaded_shapes(
+        self, module: Any, state_dict: dict[str, Any], prefix: str, *_: Any
+    ) -> None:
+        if not prefix:  # the whole module's load (resume, or a user's load_state_dict)
+            check_resume(None, self.method, self.layers, self._fingerprint, state_dict)
+
     @override
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        if not self.save_adapter_only:
+        # before Lightning loads anything into the model: a mismatch changes nothing (under
+        # ModelParallelStrategy the strategy has loaded and removed the state dict already)
+        state = checkpoint.get("callbacks", {})
+        mine = state.get(self.state_key, state.get(self._legacy_state_key))
+        model_state = checkpoint.get("state_dict", {})
+        check_resume(mine, self.method, self.layers, self._fingerprint, model_state)
+        if not self.save_adapter_only or "state_dict" not in checkpoint:
             return
         stored = set(checkpoint["state_dict"])
         expected = set(pl_module.state_dict())
@@ -251,9 +348,17 @@ class LowRankCallback(Callback):
                 "with another method or other target_modules?"
             )
 
-    @override
-    def state_dict(self) -> dict[str, Any]:
+    # Lightning refuses two stateful callbacks with one state key when the Trainer is built,
+    # with a generic message; marking state_dict as Callback's own (functools.wraps) leaves that
+    # check to setup, which says what to do instead. Lightning still saves and loads the state
+    # under "LowRankCallback" (it calls state_dict/load_state_dict of every callback).
+    @functools.wraps(Callback.state_dict)
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]  # the same signature
         return {
+            # what a resume checks (on_load_checkpoint) and load_adapter_checkpoint rebuilds from
+            "method": self.method.to_dict(),
+            "layers": list(self.layers),
+            "base_fingerprint": self._fingerprint,
             "last_step": self._last_step,
             "schedules": {s.state_key: s.state_dict() for s in self.schedules},
         }
@@ -285,44 +390,10 @@ class LowRankCallback(Callback):
             schedule.load_state_dict(state)
 
 
-def _check_schedules(method: AdapterConfig, schedules: list[Schedule]) -> None:
-    """Refuse schedules whose checkpoint keys clash, and an allocator that follows another
-    config than ``method``, before anything is built."""
-    keys = [s.state_key for s in schedules]
-    clashes = sorted({k for k in keys if keys.count(k) > 1})
-    if clashes:
-        raise ValueError(
-            f"several schedules have the state key {clashes}: their checkpoint states would "
-            "overwrite each other. Pass each schedule once, or give a subclass its own state_key"
-        )
-    for s in schedules:
-        if isinstance(s, RankAllocator) and s.config is not None and s.config != method:
-            raise ValueError(
-                f"the RankAllocator follows {s.config!r}, the callback's method is {method!r}: "
-                "pass RankAllocator(budget=...) without a config (it takes the method's), or "
-                "the same AdaLoRA config to both"
-            )
+def _drop_keys(state: dict[str, Any], drop: set[str], prefix: str) -> None:
+    for key in [k for k in state if k[len(prefix) :] in drop]:
+        del state[key]
 
 
 def _owning_layer(name: str, layers: dict[str, AdapterLayer]) -> str | None:
-    for layer_name in layers:
-        if name.startswith(layer_name + "."):
-            return layer_name
-    return None
-
-
-def _steps_per_epoch(trainer: pl.Trainer) -> int | None:
-    batches = trainer.num_training_batches
-    if batches == float("inf") or batches <= 0:
-        return None
-    return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
-
-
-def _estimated_steps(trainer: pl.Trainer) -> int | None:
-    if trainer.max_steps is not None and trainer.max_steps > 0:
-        return int(trainer.max_steps)
-    try:
-        steps = trainer.estimated_stepping_batches
-    except Exception:  # no train dataloader yet (validate/test only)
-        return None
-    return None if steps == float("inf") else int(steps)
+    return next((n for n in layers if name.startswith(n + ".")), None)

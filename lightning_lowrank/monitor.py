@@ -2,7 +2,7 @@
 
 Every ``every_n_steps`` optimizer steps it computes, for each adapter layer, the number of intruder
 dimensions of ``W = W0 + delta_weight()`` against the pre-trained ``W0`` and the effective rank of
-``delta_weight()`` (see :mod:`lightning_lowrank.analysis`), and logs them to the Lightning logger:
+``delta_weight()`` (see [`lightning_lowrank.analysis`][lightning_lowrank.analysis]), and logs them to the Lightning logger:
 
 - ``adapter/intruders``: the total count over all layers;
 - ``adapter/intruders_max``: the largest count of a single layer;

@@ -7,8 +7,8 @@ grouping follows the official code:
 - A matrices and other trainable matrices (e.g. a classifier head) get ``lr``;
 - adapters on embedding layers get a fixed small learning rate (``embedding_lr``, 1e-6).
 
-Two ways in: :func:`lora_plus_param_groups` builds groups for users who create the optimizer
-themselves, and :func:`split_optimizer` re-groups an existing optimizer (what the callback does
+Two ways in: [`lora_plus_param_groups`][lightning_lowrank.lora_plus_param_groups] builds groups for users who create the optimizer
+themselves, and [`split_optimizer`][lightning_lowrank.split_optimizer] re-groups an existing optimizer (what the callback does
 with the optimizer returned by ``configure_optimizers``), keeping every group's own settings
 (weight decay, betas, ...) and keeping LR schedulers consistent with the new groups.
 """

@@ -62,3 +62,25 @@ def test_multiply_adds_match_the_counted_matmuls(config, tokens):
     floor = _step_multiply_adds(lambda t: F.linear(t, base.weight, base.bias), x)
     # VeRA at 2 tokens takes the factored order, at 40 the effective-weight one
     assert adapted - floor == adapter_multiply_adds(layer, tokens)
+
+
+def test_fsdp_memory_section_renders_from_a_result():
+    from benchmarks.fsdp_memory import markdown_section
+
+    rank = {"param_mib": 2.0, "optimizer_mib": 0.5, "rss_before_mib": 10.0, "peak_mib": 20.0}
+    half = {"param_mib": 1.0, "optimizer_mib": 0.25, "rss_before_mib": 8.0, "peak_mib": 25.0}
+    res = {
+        "meta": {
+            "commit": "0123456789abcdef",
+            "model": "m",
+            "method": "LoRA",
+            "ranks": 2,
+            "batch_per_rank": [1, 128],
+            "steps": 3,
+        },
+        "ranks": {"ddp": [rank, rank], "fsdp": [half, half]},
+    }
+    text = "\n".join(markdown_section(res))
+    assert "| DDP | 2.0 | 0.50 | 10 | 20 |" in text
+    assert "| FSDP2 (ModelParallelStrategy) | 1.0 | 0.25 | 8 | 25 |" in text
+    assert "`0123456789`" in text and "peak RSS of FSDP2 is above" in text

@@ -34,7 +34,7 @@ def render_study(generated_note: str) -> str:
         generated_note,
         "# Reproduction study",
         "",
-        "Claims from the papers (see [the methods' concept pages](index.md)) checked at small "
+        "Claims from the papers (see [the methods' concept pages](concepts/index.md)) checked at small "
         "scale on the offline model and data, with several seeds. Each section says how it ran, "
         "what it ran with and how to re-run it; every verdict follows the rule below. The whole "
         "study runs with `python -m benchmarks.study --jobs 4` (each run in its own process; "

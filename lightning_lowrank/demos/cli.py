@@ -14,10 +14,11 @@ from typing_extensions import override
 from lightning_lowrank.demos.classifier import TextClassifier
 from lightning_lowrank.demos.data import BBCNewsDataModule
 from lightning_lowrank.demos.models import load_minilm_classifier
+from lightning_lowrank.demos.quiet import quiet_lightning
 
 
 class MiniLMClassifier(TextClassifier):
-    """:class:`TextClassifier` over the pretrained MiniLM, built from plain (YAML) arguments.
+    """[`TextClassifier`][lightning_lowrank.demos.TextClassifier] over the pretrained MiniLM, built from plain (YAML) arguments.
 
     Args:
         num_labels: number of classes (linked to the data module's ``num_classes`` by the CLI).
@@ -40,7 +41,7 @@ class MiniLMClassifier(TextClassifier):
 
 
 class DemoCLI(LightningCLI):
-    """``LightningCLI`` for :class:`MiniLMClassifier` on :class:`BBCNewsDataModule`."""
+    """``LightningCLI`` for ``MiniLMClassifier`` on [`BBCNewsDataModule`][lightning_lowrank.demos.BBCNewsDataModule]."""
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -49,6 +50,7 @@ class DemoCLI(LightningCLI):
 
 def main(args: list[str] | None = None, run: bool = True) -> DemoCLI:
     """Build (and with ``run=True`` run) the CLI; ``args`` defaults to ``sys.argv[1:]``."""
+    quiet_lightning()
     return DemoCLI(
         MiniLMClassifier,
         BBCNewsDataModule,

@@ -218,7 +218,7 @@ class TextClassificationDataModule(pl.LightningDataModule):
     """A labelled corpus split stratified into train / val / test and tokenised once.
 
     Batches are dicts with ``input_ids``, ``attention_mask`` (``(batch, max_length)``) and
-    ``labels``. Subclasses provide :meth:`load`.
+    ``labels``. Subclasses provide ``load``.
 
     Args:
         tokenizer: a Hugging Face tokenizer; ``None`` loads the MiniLM tokenizer.
@@ -325,11 +325,11 @@ class TextClassificationDataModule(pl.LightningDataModule):
 class BBCNewsDataModule(TextClassificationDataModule):
     """BBC News (2,225 articles; business, entertainment, politics, sports, tech), 80/10/10 split.
 
-    See :class:`TextClassificationDataModule` for the arguments.
+    See [`TextClassificationDataModule`][lightning_lowrank.demos.TextClassificationDataModule] for the arguments.
     """
 
     def load(self) -> tuple[list[str], list[int], list[str]]:
-        """The corpus from :func:`load_bbc_news`."""
+        """The corpus from [`load_bbc_news`][lightning_lowrank.demos.load_bbc_news]."""
         return load_bbc_news()
 
 
@@ -339,7 +339,7 @@ class FortunesDataModule(TextClassificationDataModule):
     Args:
         min_entries: topics with fewer entries are left out.
         topics: keep only these topics (``None``: every topic with ``min_entries`` entries).
-        **kwargs: see :class:`TextClassificationDataModule` (``max_length`` defaults to 64 here:
+        **kwargs: see [`TextClassificationDataModule`][lightning_lowrank.demos.TextClassificationDataModule] (``max_length`` defaults to 64 here:
             fortunes are short).
     """
 
@@ -356,5 +356,5 @@ class FortunesDataModule(TextClassificationDataModule):
         super().__init__(tokenizer, **kwargs)
 
     def load(self) -> tuple[list[str], list[int], list[str]]:
-        """The corpus from :func:`load_fortunes`."""
+        """The corpus from [`load_fortunes`][lightning_lowrank.demos.load_fortunes]."""
         return load_fortunes(self.min_entries, self.topics)

@@ -20,6 +20,7 @@ from lightning_lowrank import LoRA, LowRankCallback, save_adapter
 from lightning_lowrank.demos.classifier import TextClassifier
 from lightning_lowrank.demos.data import BBCNewsDataModule, smoke_mode
 from lightning_lowrank.demos.models import count_parameters, load_minilm_classifier
+from lightning_lowrank.demos.quiet import quiet_lightning
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Run the demo; returns the measured numbers (accuracies, counts, size, seconds)."""
+    quiet_lightning()
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     pl.seed_everything(args.seed, verbose=False)

@@ -163,7 +163,7 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
     """SmolLM2-135M-Instruct as a transformers ``LlamaForCausalLM``, and its tokenizer.
 
     The first call dequantises the GGUF file (tens of seconds) and saves the model as safetensors
-    under :func:`cache_dir`; later calls load that copy.
+    under ``cache_dir``; later calls load that copy.
 
     Args:
         dtype: the weights' dtype.

@@ -21,7 +21,7 @@ from lightning_lowrank.methods.vera import VeRA, VeRALayer
 
 
 def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
-    """Rebuild a method config from :meth:`AdapterConfig.to_dict` output, by its registered name.
+    """Rebuild a method config from [`AdapterConfig.to_dict`][lightning_lowrank.AdapterConfig.to_dict] output, by its registered name.
 
     Raises:
         ValueError: no registered config has that name (a user-defined method registers when

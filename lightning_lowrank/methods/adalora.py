@@ -11,9 +11,9 @@ side), ``lora_E`` (lambda) and ``lora_A`` (Q, the input side). The forward pass 
 ``base(x) + ((dropout(x) @ Q.T) * s * lambda) @ P.T``: the dense ``dW`` is never built.
 
 Rank slots are switched off by the rank allocator
-(:class:`~lightning_lowrank.schedules.adalora.RankAllocator`), which sets the slot's lambda to 0 and
+([`RankAllocator`][lightning_lowrank.RankAllocator]), which sets the slot's lambda to 0 and
 clears its entry of the ``rank_mask`` buffer. Shapes never change during training (DDP and
-checkpoints rely on that); :meth:`AdaLoRALayer.truncated_state` gives the physically smaller adapter
+checkpoints rely on that); ``AdaLoRALayer.truncated_state`` gives the physically smaller adapter
 (only the kept slots) for ``save_adapter(..., truncate=True)``, and the ``rank`` layer metadata
 rebuilds those shapes when the file is loaded.
 """
@@ -32,6 +32,9 @@ from lightning_lowrank.methods.base import (
     AdapterLayer,
     PeftLayer,
     Side,
+    check_fraction,
+    check_int,
+    check_number,
     embed_or_linear,
     layer_shape,
     peft_pair,
@@ -84,8 +87,17 @@ class AdaLoRA(AdapterConfig):
         return [cls(init_rank=4, target_rank=2, t_init=2, t_final=2, delta_t=1, total_steps=20)]
 
     def __post_init__(self) -> None:
-        if self.init_rank < 1:
-            raise ValueError(f"init_rank must be >= 1, got {self.init_rank}")
+        for name in ("init_rank", "delta_t"):
+            setattr(self, name, check_int(name, getattr(self, name), minimum=1))
+        for name in ("target_rank", "t_init", "t_final"):
+            setattr(self, name, check_int(name, getattr(self, name), minimum=0))
+        if self.total_steps is not None:
+            self.total_steps = check_int("total_steps", self.total_steps, minimum=1)
+        self.alpha = check_number("alpha", self.alpha, nonzero=True)
+        self.orth_reg = check_number("orth_reg", self.orth_reg, minimum=0.0)
+        self.dropout = check_fraction("dropout", self.dropout)
+        for name in ("beta1", "beta2"):
+            setattr(self, name, check_fraction(name, getattr(self, name)))
         if not 0 <= self.target_rank <= self.init_rank:
             raise ValueError(
                 f"target_rank ({self.target_rank}) must be between 0 and init_rank "
@@ -116,13 +128,13 @@ class AdaLoRA(AdapterConfig):
 
 
 class AdaLoRALayer(AdapterLayer):
-    """A base layer plus ``s * P diag(lambda) Q``. See :class:`AdaLoRA`.
+    """A base layer plus ``s * P diag(lambda) Q``. See [`AdaLoRA`][lightning_lowrank.AdaLoRA].
 
     Args:
         base: the frozen layer.
         config: the method config.
         rank: the number of rank slots to build; ``None`` means ``config.init_rank``. A smaller
-            value rebuilds a truncated adapter (see :meth:`truncated_state`).
+            value rebuilds a truncated adapter (see ``truncated_state``).
     """
 
     rank_mask: Tensor
@@ -143,6 +155,17 @@ class AdaLoRALayer(AdapterLayer):
         # 1 = slot kept, 0 = masked; persistent so checkpoints and adapter files carry the pattern
         self.register_buffer("rank_mask", torch.ones(r, **kw))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+    def initial_state(self) -> dict[str, Tensor]:
+        r = self.rank
+        a = self._empty(r, self.in_features).normal_() * INIT_STD
+        b = self._empty(self.out_features, r).normal_() * INIT_STD
+        return {
+            "lora_A": a,
+            "lora_E": self._empty(r).zero_(),
+            "lora_B": b,
+            "rank_mask": self._empty(r).fill_(1.0),
+        }
 
     def adapter_input(self, x: Tensor) -> Tensor:
         return self.dropout(x)
@@ -180,17 +203,23 @@ class AdaLoRALayer(AdapterLayer):
         return peft_pair(self.lora_B[:, keep], a, self.scale, self.scale * k, False, self.kind)
 
     def live_rank(self) -> int:
-        """Number of slots the rank mask keeps."""
+        """Number of slots the rank mask keeps (all of them before a meta-device model has
+        values)."""
+        if self.rank_mask.is_meta:
+            return self.rank
         return int(self.rank_mask.count_nonzero())
 
     @torch.no_grad()
     def truncated_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """The adapter restricted to its kept slots, and the metadata that rebuilds it.
 
-        Masked slots have ``lambda = 0`` (the allocator enforces it after every optimizer step
-        of the final phase), so dropping them leaves the output unchanged.
+        Slots that are masked AND have ``lambda = 0`` are dropped, so the output is unchanged
+        at any point of the schedule (mid-schedule the optimizer may have moved a masked slot's
+        lambda off zero; such a slot is kept).
         """
-        keep = self.rank_mask != 0
+        # a masked slot whose lambda the optimizer moved off zero (mid-schedule, before the
+        # allocator re-masks) still contributes: keep it, as the PEFT export does
+        keep = (self.rank_mask != 0) | (self.lora_E != 0)
         k = int(keep.sum())
         state = self.adapter_state_dict()  # anything else the layer carries is kept as it is
         state["lora_A"] = self.lora_A[keep]

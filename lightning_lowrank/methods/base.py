@@ -1,12 +1,12 @@
 """The adapter protocol shared by every method, and the PEFT form a layer may give.
 
-A method is one file: a config dataclass (a subclass of :class:`AdapterConfig`) and a layer class
-(a subclass of :class:`AdapterLayer`) named by the config's ``layer_cls``. Defining the config
+A method is one file: a config dataclass (a subclass of [`AdapterConfig`][lightning_lowrank.AdapterConfig]) and a layer class
+(a subclass of [`AdapterLayer`][lightning_lowrank.AdapterLayer]) named by the config's ``layer_cls``. Defining the config
 class registers it by its class name (``methods/registry.py``): adapter files, LightningCLI's
 ``class_path`` and PEFT export find it without any list to edit.
 
 Every method wraps a frozen base layer (``nn.Linear``, transformers' GPT-2 ``Conv1D`` or
-``nn.Embedding``, see ``methods/layers.py``) in an :class:`AdapterLayer`. The rest of the library
+``nn.Embedding``, see ``methods/layers.py``) in an [`AdapterLayer`][lightning_lowrank.AdapterLayer]. The rest of the library
 (inject, merge, save/load, PEFT export, LoRA+ grouping, the callback and its schedules) only uses
 this protocol:
 
@@ -20,13 +20,13 @@ this protocol:
 - optionally ``low_rank_factors()``: ``(B, A, c)`` with ``delta_weight() == c * B @ A``, the whole
   update as one low-rank product, or None (DoRA, SLTrain: their updates are not one product).
   This is the one accessor for a layer's low-rank factors; Delta-LoRA uses it;
-- optionally ``peft_form()``: the update in PEFT's LoRA form (a :class:`PeftLayer`: B, A, scale
-  and DoRA's magnitude), or a :class:`PeftExportError` giving the reason it has none. Subclasses
+- optionally ``peft_form()``: the update in PEFT's LoRA form (a ``PeftLayer``: B, A, scale
+  and DoRA's magnitude), or a ``PeftExportError`` giving the reason it has none. Subclasses
   inherit their parent's form: a subclass that changes the update must override it;
 - two states every method obeys through the generic path (``methods/state.py``): ``disabled``
   (the layer is its base) and a tie (``share_adapter(host)``: compute with the host's adapter
   parameters), read through ``adapter_host`` and ``idle_parameters()``;
-- ``merge()`` / ``unmerge()`` and an optional ``extension`` (a :class:`LayerExtension`, e.g.
+- ``merge()`` / ``unmerge()`` and an optional ``extension`` (a ``LayerExtension``, e.g.
   Delta-LoRA's implicit base update) come with the base class.
 
 Weights are always spoken of in ``(out, in)`` orientation (``methods/layers.py``).
@@ -39,16 +39,24 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar, Literal, TypeVar, cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_lowrank.methods.checks import (  # noqa: F401 - re-exported for the methods
+    check_bool,
+    check_fraction,
+    check_int,
+    check_number,
+)
 from lightning_lowrank.methods.fused import fusable, low_rank_linear
-
-# layer_kind, layer_shape and weight_oi are re-exported: they were defined here first
-from lightning_lowrank.methods.layers import (
+from lightning_lowrank.methods.layers import (  # noqa: F401 - re-exported: defined here first
+    embed_or_linear,
+    fill_,
     is_quantized,
+    kaiming_uniform_,
     layer_kind,
     layer_shape,
+    own_weight,
+    refuse_quantized_merge,
     weight_oi,
 )
 from lightning_lowrank.methods.registry import register_config
@@ -72,7 +80,7 @@ def scale_factor(alpha: float, rank: int, scaling: Scaling) -> float:
 class AdapterConfig:
     """Base class of the method configs. Subclasses are typed dataclasses with paper defaults.
 
-    Defining a subclass registers it by class name (:func:`register_config`); pass
+    Defining a subclass registers it by class name (``register_config``); pass
     ``register=False`` in the class statement (``class Draft(LoRA, register=False)``) to opt out.
     """
 
@@ -137,9 +145,9 @@ class AdapterConfig:
 
 
 class AdapterLayer(LayerState, nn.Module):
-    """A frozen base layer plus a trainable low-rank adapter. See the module docstring.
+    """A frozen base layer plus a trainable low-rank adapter. See [the adapter protocol][lightning_lowrank.methods.base].
 
-    :class:`LayerState` adds the ``disabled`` flag and the tie (``methods/state.py``)."""
+    ``LayerState`` adds the ``disabled`` flag and the tie (``methods/state.py``)."""
 
     def __init__(self, base: nn.Module, config: AdapterConfig) -> None:
         super().__init__()
@@ -150,13 +158,13 @@ class AdapterLayer(LayerState, nn.Module):
         self.config = config
         self.out_features, self.in_features = layer_shape(base)
         self.merged = False
-        #: an optional :class:`LayerExtension` (a child module once set), e.g. Delta-LoRA's
-        #: implicit base update; it adds to the output and to the merged weight
+        #: an optional ``LayerExtension`` (a child module once set): Delta-LoRA's base update
         self.extension: LayerExtension | None = None
         #: the layer is its base layer: forward is ``base(x)``, merge adds nothing, the delta is
         #: zero (``methods/state.py``); LoRA-drop's ``mode="drop"`` sets it, adapter files omit it
         self.disabled = False
         self._tie: AdapterTie | None = None
+        self.tied_with: list[str] = []  # others holding the base weight (ties), set by attach
 
     # --- protocol ---------------------------------------------------------------------------
     def adapter_forward(self, x: Tensor) -> Tensor:
@@ -202,11 +210,36 @@ class AdapterLayer(LayerState, nn.Module):
         """Keyword arguments (JSON-serialisable) needed to rebuild this layer's shapes."""
         return {}
 
+    def on_attach(self) -> None:  # noqa: B027 - optional hook
+        """Called once the layer is in the model. Building a layer never changes its base (so a
+        refused load leaves the model as it was); a method that must change it does so here."""
+
     def truncated_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """The smallest adapter state that gives the same output, with the layer metadata that
         rebuilds its shapes (``save_adapter(..., truncate=True)``). Methods without prunable
         parts (all but AdaLoRA) return their full state."""
         return self.adapter_state_dict(), self.layer_metadata()
+
+    def initial_state(self) -> dict[str, Tensor]:
+        """The adapter's initial tensors by attribute name (full, plain, drawn as ``__init__``)."""
+        return {}
+
+    def init_from_base(self) -> None:  # noqa: B027 - optional hook
+        """Set what the init derives from the base's values (DoRA's magnitude) from the current
+        base: after a meta-device model is materialised or loaded (the callback's on_fit_start)."""
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Re-draw ``initial_state`` into the adapter (A as the paper says, B zero, ...), as
+        Lightning does when it materialises a meta-device model; the base resets itself. A
+        DTensor shard gets its part of one full draw, as one process would."""
+        for name, value in self.initial_state().items():
+            fill_(getattr(self, name), value)
+
+    def _empty(self, *shape: int) -> Tensor:
+        """An uninitialised tensor with the base weight's dtype and (local) device."""
+        w = weight_oi(self.base)
+        return torch.empty(*shape, dtype=w.dtype, device=w.device)
 
     # --- generic behaviour ------------------------------------------------------------------
     def adapter_parameter_names(self) -> list[str]:
@@ -223,7 +256,7 @@ class AdapterLayer(LayerState, nn.Module):
     def fused_output(self, x: Tensor) -> Tensor | None:
         """Base plus adapter output for ``x`` in one fused pass (``methods/fused.py``), or None
         when this layer has none for this input; ``forward`` then computes ``base(x)`` and adds
-        :meth:`adapter_forward`. Called only for linear and Conv1D layers, unmerged, with no extra
+        ``adapter_forward``. Called only for linear and Conv1D layers, unmerged, with no extra
         arguments.
         """
         return None
@@ -232,7 +265,7 @@ class AdapterLayer(LayerState, nn.Module):
         self, x: Tensor, a: Tensor, b: Tensor, scale: float, factor: Tensor | None = None
     ) -> Tensor | None:
         """``factor * (base(x) - bias + scale * (x' a^T) b^T) + bias`` in one pass, or None when
-        :func:`~lightning_lowrank.methods.fused.fusable` refuses (then the generic path runs)."""
+        ``fusable`` refuses (then the generic path runs)."""
         extra = (factor,) if factor is not None else ()
         if not fusable(self.base, x, a, b, *extra):
             return None
@@ -256,7 +289,7 @@ class AdapterLayer(LayerState, nn.Module):
         return out + self.adapter_forward(x).to(out.dtype)
 
     def merged_delta(self) -> Tensor:
-        """What :meth:`merge` adds to the base weight: ``delta_weight()`` plus the extension's
+        """What [`merge`][lightning_lowrank.merge] adds to the base weight: ``delta_weight()`` plus the extension's
         term, if any; zero for a disabled layer."""
         delta = self.delta_weight()
         if self.disabled:
@@ -266,21 +299,45 @@ class AdapterLayer(LayerState, nn.Module):
         return delta
 
     @torch.no_grad()
+    def merged_weight(self) -> Tensor:
+        """The ``(out, in)`` weight ``merge`` would write; a ``ValueError`` if any value is
+        non-finite in the base's own dtype (float16 overflows where the delta does not), or if
+        the base is quantized (``refuse_quantized_merge``)."""
+        refuse_quantized_merge(self)
+        w = weight_oi(self.base)
+        merged = w + self.merged_delta().to(w.dtype)
+        if not torch.isfinite(merged).all():
+            raise ValueError(
+                f"refusing to merge: base weight plus adapter delta has non-finite values in "
+                f"{w.dtype} (the adapter diverged, or its delta overflows {w.dtype}): nothing was "
+                "merged; keep the adapter unmerged or merge into a float32 copy of the model"
+            )
+        return merged
+
+    def check_merge(self) -> None:
+        """Raise what ``merge`` would raise, changing nothing (``merge(model)`` checks all)."""
+        if not self.merged:
+            self.merged_weight()
+
+    def own_base_weight(self) -> None:
+        """Untie the base weight from ``tied_with`` (GPT-2's ``lm_head``), which keep the original."""
+        if self.tied_with:
+            own_weight(self.base, self.tied_with)
+            self.tied_with = []
+
+    @torch.no_grad()
     def merge(self) -> None:
         """Fold the delta into the base weight; the forward then costs what the base costs."""
         if self.merged:
             return
-        refuse_quantized_merge(self)
-        delta = self.merged_delta()
-        if not torch.isfinite(delta).all():
-            raise ValueError("refusing to merge: the adapter's delta has non-finite values")
-        w = weight_oi(self.base)
-        w.add_(delta.to(w.dtype))
+        merged = self.merged_weight()
+        self.own_base_weight()
+        weight_oi(self.base).copy_(merged)
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract the delta that :meth:`merge` added, restoring the base weight."""
+        """Subtract the delta that [`merge`][lightning_lowrank.merge] added, restoring the base weight."""
         if not self.merged:
             return
         w = weight_oi(self.base)
@@ -326,7 +383,7 @@ def peft_pair(
     return PeftLayer(kind=kind or "linear", lora_A=a, lora_B=b, alpha=alpha, rslora=rslora)
 
 
-#: every :class:`LayerExtension` subclass by its ``name``, to rebuild one from adapter metadata
+#: every ``LayerExtension`` subclass by its ``name``, to rebuild one from adapter metadata
 EXTENSION_TYPES: dict[str, type[LayerExtension]] = {}
 
 
@@ -334,10 +391,10 @@ class LayerExtension(nn.Module):
     """An add-on to one adapter layer that changes its effective weight beyond the method's delta.
 
     A scheduled method attaches one as ``layer.extension`` (Delta-LoRA's implicit base update).
-    The layer's forward passes its output through :meth:`add_output`, and :meth:`merge` folds
-    :meth:`add_weight` into the base. Its persistent buffers belong to the adapter: adapter files
-    and checkpoints store them under ``"<layer>.extension.<buffer>"``; :meth:`metadata` (JSON) and
-    :meth:`from_metadata` let ``load_adapter`` rebuild it. Subclasses set a unique ``name``.
+    The layer's forward passes its output through ``add_output``, and [`merge`][lightning_lowrank.merge] folds
+    ``add_weight`` into the base. Its persistent buffers belong to the adapter: adapter files
+    and checkpoints store them under ``"<layer>.extension.<buffer>"``; ``metadata`` (JSON) and
+    ``from_metadata`` let ``load_adapter`` rebuild it. Subclasses set a unique ``name``.
     """
 
     name: ClassVar[str] = ""
@@ -360,37 +417,10 @@ class LayerExtension(nn.Module):
         return True
 
     def metadata(self) -> dict[str, Any]:
-        """JSON-serialisable facts that :meth:`from_metadata` needs (shapes, constants)."""
+        """JSON-serialisable facts that ``from_metadata`` needs (shapes, constants)."""
         return {}
 
     @classmethod
     def from_metadata(cls, layer: AdapterLayer, meta: dict[str, Any]) -> LayerExtension:
         """Rebuild the extension for ``layer`` (buffers are then filled from the file)."""
         raise NotImplementedError
-
-
-def refuse_quantized_merge(layer: AdapterLayer) -> None:
-    """Raise if ``layer``'s base is quantized: merging in place would round the delta into the
-    4-bit storage (an error of the order of the quantisation step, silently)."""
-    if is_quantized(layer.base):
-        raise ValueError(
-            f"cannot merge in place into the quantized {type(layer.base).__name__} base: use "
-            "unload(model, dtype=torch.float32) (or another dtype), which returns plain layers "
-            "holding the dequantized base plus the delta"
-        )
-
-
-def embed_or_linear(layer: AdapterLayer, x: Tensor, a: Tensor) -> Tensor:
-    """Apply a first factor ``a`` of shape ``(r, in)`` to the input: a matmul for linear layers,
-    a row lookup for embeddings (whose input is a one-hot index)."""
-    if layer.kind == "embedding":
-        base = cast(nn.Embedding, layer.base)
-        # padding rows get no gradient, as in the base table; max_norm would renormalise the
-        # adapter factor in place, so it is not forwarded
-        return F.embedding(x, a.t(), padding_idx=base.padding_idx)
-    return F.linear(x, a)
-
-
-def kaiming_uniform_(t: Tensor) -> Tensor:
-    """Kaiming-uniform with ``a = sqrt(5)``, as ``nn.Linear`` and LoRA initialise A."""
-    return nn.init.kaiming_uniform_(t, a=math.sqrt(5))

@@ -35,9 +35,13 @@ from lightning_lowrank.methods.base import (
     PeftLayer,
     Scaling,
     Side,
+    check_bool,
+    check_fraction,
+    check_int,
+    check_number,
     refuse_quantized_merge,
 )
-from lightning_lowrank.methods.layers import dense_weight_oi, is_quantized, weight_oi
+from lightning_lowrank.methods.layers import dense_weight_oi, fill_, is_quantized, weight_oi
 from lightning_lowrank.methods.lora import LoRALayer
 from lightning_lowrank.methods.singlora import SingLoRALayer
 
@@ -72,6 +76,11 @@ class DoRA(AdapterConfig):
         return [cls(rank=2, alpha=4.0), cls(rank=2, alpha=4.0, delta="singlora", ramp_steps=10)]
 
     def __post_init__(self) -> None:
+        self.rank = check_int("rank", self.rank, minimum=1)
+        self.alpha = check_number("alpha", self.alpha, nonzero=True)
+        self.ramp_steps = check_int("ramp_steps", self.ramp_steps, minimum=0)
+        self.dropout = check_fraction("dropout", self.dropout)
+        check_bool("train_a", self.train_a)
         if self.delta not in _DELTA_LAYERS:
             raise ValueError(f"delta must be one of {sorted(_DELTA_LAYERS)}, got {self.delta!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -98,7 +107,7 @@ class DoRAMagnitude:
 
     Mixed in before the delta's layer class (``class X(DoRAMagnitude, LoRALayer)``): the delta
     layer keeps its parameters, forward, ramp and ``low_rank_factors`` (read here as
-    :meth:`direction_factors`); this class adds ``magnitude`` and replaces the forward,
+    ``direction_factors``); this class adds ``magnitude`` and replaces the forward,
     ``delta_weight``, ``merge``, ``unmerge``, ``low_rank_factors`` (None: the whole update is not
     low-rank) and ``peft_form`` (the delta layer's pair plus the magnitude).
     """
@@ -128,7 +137,7 @@ class DoRAMagnitude:
 
     def direction_factors(self) -> tuple[Tensor, Tensor, Tensor | float]:
         """``(B, A, c)`` of the low-rank ``dW = c * B @ A`` inside the direction
-        ``V = W0 + dW``: the delta layer's own :meth:`low_rank_factors` (LoRA's or SingLoRA's)."""
+        ``V = W0 + dW``: the delta layer's own ``low_rank_factors`` (LoRA's or SingLoRA's)."""
         factors = super().low_rank_factors()  # type: ignore[misc]  # mixin: super() is the delta layer
         if factors is None:
             raise TypeError(
@@ -136,9 +145,25 @@ class DoRAMagnitude:
             )
         return factors
 
+    def initial_state(self) -> dict[str, Tensor]:
+        state = super().initial_state()  # type: ignore[misc]
+        state["magnitude"] = self._base_norm()
+        return state
+
+    @torch.no_grad()
+    def init_from_base(self) -> None:
+        """``m = ||W0||_row`` from the current base weight (DoRA's init, paper Sec. 4.1)."""
+        fill_(self.magnitude, self._base_norm())
+
+    def _base_norm(self) -> Tensor:
+        # on a sharded base, a row-sharded norm: fill_ gathers it; a quantized base: a
+        # temporary dequantized copy
+        w0 = dense_weight_oi(self.base).detach()
+        return torch.linalg.vector_norm(w0, dim=1, dtype=_compute_dtype(w0.dtype)).to(w0.dtype)
+
     def low_rank_factors(self) -> None:
         """None: DoRA's update ``m * V / ||V|| - W0`` is not a low-rank product (the delta under
-        the magnitude is, see :meth:`direction_factors`)."""
+        the magnitude is, see ``direction_factors``)."""
         return None
 
     def peft_form(self) -> PeftLayer:
@@ -228,18 +253,31 @@ class DoRAMagnitude:
         return (self._dense_factor(v).to(w.dtype)[:, None] * v - w0).to(low.dtype)
 
     @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged:
-            return
-        refuse_quantized_merge(self)  # type: ignore[arg-type]
+    def _merge_plan(self) -> tuple[Tensor, Tensor]:
+        refuse_quantized_merge(self)
         w = weight_oi(self.base)
         v = w + super().delta_weight().to(w.dtype)  # type: ignore[misc]  # mixin, as above
         factor = self._dense_factor(v)
         merged = factor.to(w.dtype)[:, None] * v
         if not torch.isfinite(merged).all():
-            raise ValueError("refusing to merge: the DoRA weight has non-finite values")
-        w.copy_(merged)
-        self.merge_factor = factor.to(w.dtype)
+            raise ValueError(
+                f"refusing to merge: the DoRA weight has non-finite values in {w.dtype}: nothing "
+                "was merged"
+            )
+        return merged, factor.to(w.dtype)
+
+    def check_merge(self) -> None:
+        if not self.merged:
+            self._merge_plan()
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        merged, factor = self._merge_plan()
+        self.own_base_weight()  # type: ignore[attr-defined]
+        weight_oi(self.base).copy_(merged)
+        self.merge_factor = factor
         self.merged = True
 
     @torch.no_grad()
@@ -265,11 +303,11 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 # the [misc] ignores below: DoRA's low_rank_factors is None (its whole update is not one low-rank
 # product) where the delta layer's returns factors; callers use the protocol's Optional result
 class DoRALayer(DoRAMagnitude, LoRALayer):  # type: ignore[misc]  # see above
-    """DoRA over a LoRA delta ``s * B @ A``. See :class:`DoRA`."""
+    """DoRA over a LoRA delta ``s * B @ A``. See [`DoRA`][lightning_lowrank.DoRA]."""
 
 
 class DoRASingLoRALayer(DoRAMagnitude, SingLoRALayer):  # type: ignore[misc]  # see above
-    """DoRA over a SingLoRA delta ``s * u(t) * A[:out] @ A[:in].T``. See :class:`DoRA`."""
+    """DoRA over a SingLoRA delta ``s * u(t) * A[:out] @ A[:in].T``. See [`DoRA`][lightning_lowrank.DoRA]."""
 
 
 _DELTA_LAYERS: dict[str, type[AdapterLayer]] = {"lora": DoRALayer, "singlora": DoRASingLoRALayer}

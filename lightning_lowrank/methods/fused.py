@@ -3,7 +3,7 @@
 Autograd on the textbook formulas runs one node per operation: the base matmul, the adapter's
 matmuls, the scaling and the add, and in backward it builds the input's gradient from two
 separately allocated halves. On a CPU, where the rank-8 matmuls are cheap and memory traffic is
-not, that bookkeeping costs more than the adapter's arithmetic. :class:`LowRankLinear` computes
+not, that bookkeeping costs more than the adapter's arithmetic. ``LowRankLinear`` computes
 the same values in fewer passes:
 
     y = f * (x W0^T + s (x' A^T) B^T) + bias
@@ -13,12 +13,12 @@ a constant in backward); ``x'`` is the adapter's (possibly dropped-out) input. T
 product is added in place into the base output, and the input gradient is accumulated in place:
 ``dx = g_z W0 + s (g_z B) A``. Only the tensors a gradient needs are saved: with A frozen
 (LoRA-FA) the input is not kept, only ``x' A^T``. VeRA's effective-weight pass (``VeRALinear``)
-is VeRA-only and lives in ``methods/vera.py``; it shares :func:`fusable` with this one.
+is VeRA-only and lives in ``methods/vera.py``; it shares ``fusable`` with this one.
 
 It is an exact rewrite (the same sums in another order); ``tests/methods/test_fused.py`` checks values and
 every gradient against the plain formulas in float64 and with ``torch.autograd.gradcheck``. The
 layers use it only for a plain ``nn.Linear`` or GPT-2 ``Conv1D`` base with no hooks, one dtype
-throughout and no autocast (:func:`fusable`); anything else takes the generic path. It does not
+throughout and no autocast (``fusable``); anything else takes the generic path. It does not
 support double backward (``once_differentiable``).
 
 This module imports only the leaf ``methods/layers.py`` from the package.
@@ -97,7 +97,7 @@ def rows(t: Tensor) -> Tensor:
 
 
 class LowRankLinear(torch.autograd.Function):
-    """``y = f * (x W0^T + s (x' A^T) B^T) + bias``, with ``f`` optional. See the module docstring.
+    """``y = f * (x W0^T + s (x' A^T) B^T) + bias``, with ``f`` optional. See the description of ``lightning_lowrank.methods.fused``.
 
     Inputs: ``x`` (..., in), ``x_adapter`` (None: ``x`` itself; or its dropout), ``w0`` (out, in),
     ``bias`` (out,) or None, ``a`` (r, in), ``b`` (out, r), ``scale`` (a float), ``factor`` (out,)
@@ -183,7 +183,7 @@ def low_rank_linear(
     scale: float,
     factor: Tensor | None = None,
 ) -> Tensor:
-    """:class:`LowRankLinear` with the base weight ``w0`` as ``(out, in)`` (a view for Conv1D).
+    """``LowRankLinear`` with the base weight ``w0`` as ``(out, in)`` (a view for Conv1D).
     ``x_adapter`` is what the adapter sees (``x`` itself without dropout)."""
     # x itself goes in once: torch.compile cannot trace a Function given one tensor twice
     xa = None if x_adapter is x else x_adapter

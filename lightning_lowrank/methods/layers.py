@@ -8,13 +8,18 @@ Weights are always spoken of in ``(out, in)`` orientation. ``nn.Linear`` stores 
 transformers' GPT-2 ``Conv1D`` stores ``(in, out)``; an embedding table stores
 ``(num_embeddings, embedding_dim)``, treated as the transpose of an ``(out, in)`` matrix with
 ``in = num_embeddings`` (the input is a one-hot vector).
+
+``fill_`` writes a full tensor into a plain or a sharded (FSDP2 ``DTensor``) one.
 """
 
 from __future__ import annotations
 
-from typing import cast
+import math
+import warnings
+from typing import Any, cast
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_lowrank.quant.backend import compute_dtype, dequantize, quant_format
@@ -64,7 +69,7 @@ def weight_oi(module: nn.Module) -> Tensor:
 
     Raises:
         TypeError: the layer stores its weight quantized (no dense view exists: read it with
-            :func:`dense_weight_oi`).
+            ``dense_weight_oi``).
     """
     if is_quantized(module):
         raise TypeError(
@@ -82,7 +87,7 @@ def weight_oi(module: nn.Module) -> Tensor:
 # --- quantized bases (lightning_lowrank/quant): the few facts the methods need ------------------
 def is_quantized(module: nn.Module) -> bool:
     """Whether ``module`` is a quantized linear layer (bitsandbytes ``Linear4bit`` or an int8
-    ``Linear8bitLt``): its weight is frozen storage, read through :func:`dense_weight_oi`."""
+    ``Linear8bitLt``): its weight is frozen storage, read through ``dense_weight_oi``."""
     return quant_format(module) is not None
 
 
@@ -95,7 +100,7 @@ def weight_dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:
 
 
 def dense_weight_oi(module: nn.Module, dtype: torch.dtype | None = None) -> Tensor:
-    """The base weight in ``(out, in)`` orientation as a dense tensor: :func:`weight_oi` itself
+    """The base weight in ``(out, in)`` orientation as a dense tensor: ``weight_oi`` itself
     for a plain layer (cast to ``dtype`` if given), a dequantized copy for a quantized one."""
     if is_quantized(module):
         return dequantize(module, dtype)
@@ -103,12 +108,73 @@ def dense_weight_oi(module: nn.Module, dtype: torch.dtype | None = None) -> Tens
     return w if dtype is None else w.to(dtype)
 
 
+def refuse_quantized_merge(layer: Any) -> None:
+    """Raise if ``layer``'s base is quantized: merging in place would round the delta into the
+    4-bit storage (an error of the order of the quantisation step, silently)."""
+    if is_quantized(layer.base):
+        raise ValueError(
+            f"cannot merge in place into the quantized {type(layer.base).__name__} base: use "
+            "unload(model, dtype=torch.float32) (or another dtype), which returns plain layers "
+            "holding the dequantized base plus the delta"
+        )
+
+
+def embed_or_linear(layer: Any, x: Tensor, a: Tensor) -> Tensor:
+    """Apply a first factor ``a`` of shape ``(r, in)`` to the input: a matmul for linear layers,
+    a row lookup for embeddings (whose input is a one-hot index)."""
+    if layer.kind == "embedding":
+        base = cast(nn.Embedding, layer.base)
+        # padding rows get no gradient, as in the base table; max_norm would renormalise the
+        # adapter factor in place, so it is not forwarded
+        return F.embedding(x, a.t(), padding_idx=base.padding_idx)
+    return F.linear(x, a)
+
+
+def kaiming_uniform_(t: Tensor) -> Tensor:
+    """Kaiming-uniform with ``a = sqrt(5)``, as ``nn.Linear`` and LoRA initialise A."""
+    return nn.init.kaiming_uniform_(t, a=math.sqrt(5))
+
+
+def own_weight(module: nn.Module, tied_with: list[str]) -> None:
+    """Replace ``module.weight`` by a frozen copy, untying it from ``tied_with`` (which keep the
+    original tensor), and warn: the tie is broken from now on."""
+    w = cast(nn.Parameter, module.weight)
+    module.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
+    warnings.warn(
+        f"an adapted layer's base weight was tied to {tied_with[:3]}: it now has its own copy, "
+        "so those keep the original weight (the tie is broken)",
+        stacklevel=4,
+    )
+
+
 __all__ = [
     "conv1d_type",
     "dense_weight_oi",
+    "embed_or_linear",
+    "fill_",
     "is_quantized",
+    "kaiming_uniform_",
     "layer_kind",
     "layer_shape",
+    "own_weight",
+    "refuse_quantized_merge",
     "weight_dtype_device",
     "weight_oi",
 ]
+
+
+def fill_(target: Tensor, value: Tensor) -> None:
+    """Copy the full tensor ``value`` into ``target``: a plain tensor, or a DTensor that receives
+    its own shard (scattered from rank 0, so every rank agrees). Meta tensors are left as they
+    are (a model not yet materialised has no values to fill)."""
+    if target.is_meta or value.is_meta:
+        return
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(value, DTensor):
+        value = value.full_tensor()
+    if isinstance(target, DTensor):
+        value = value.to(device=target.device, dtype=target.dtype)
+        target.copy_(distribute_tensor(value, target.device_mesh, target.placements))
+    else:
+        target.copy_(value)

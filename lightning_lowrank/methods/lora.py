@@ -26,6 +26,10 @@ from lightning_lowrank.methods.base import (
     PeftLayer,
     Scaling,
     Side,
+    check_bool,
+    check_fraction,
+    check_int,
+    check_number,
     embed_or_linear,
     kaiming_uniform_,
     peft_pair,
@@ -61,13 +65,15 @@ class LoRA(AdapterConfig):
         ]
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        self.rank = check_int("rank", self.rank, minimum=1)
+        self.alpha = check_number("alpha", self.alpha, nonzero=True)
+        self.dropout = check_fraction("dropout", self.dropout)
+        check_bool("train_a", self.train_a)
         scale_factor(self.alpha, max(self.rank, 1), self.scaling)  # validates `scaling`
 
 
 class LoRALayer(AdapterLayer):
-    """A base layer plus ``s * B @ A``. See :class:`LoRA`."""
+    """A base layer plus ``s * B @ A``. See [`LoRA`][lightning_lowrank.LoRA]."""
 
     config: LoRA
 
@@ -95,6 +101,12 @@ class LoRALayer(AdapterLayer):
         else:
             kaiming_uniform_(self.lora_A)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+    def initial_state(self) -> dict[str, Tensor]:
+        a, b = self._empty(*self.lora_A.shape), self._empty(*self.lora_B.shape)
+        if self.kind == "embedding":
+            return {"lora_A": a.zero_(), "lora_B": nn.init.normal_(b)}
+        return {"lora_A": kaiming_uniform_(a), "lora_B": b.zero_()}
 
     def fused_output(self, x: Tensor) -> Tensor | None:
         # one pass for base and adapter: on one MiniLM layer (1024 tokens, one CPU thread)

@@ -1,6 +1,6 @@
 """The registry of method configs: every subclass of ``AdapterConfig``, by class name.
 
-``AdapterConfig.__init_subclass__`` calls :func:`register_config`, so defining a config class (in
+``AdapterConfig.__init_subclass__`` calls ``register_config``, so defining a config class (in
 the library or in a user's module) is what makes adapter files (``config_from_dict``),
 LightningCLI's ``class_path`` and PEFT export find it. A leaf module: it imports nothing else from
 the package.
@@ -24,7 +24,7 @@ class ConfigNameClash(TypeError):
 
 
 def register_config(cls: type[AdapterConfig]) -> type[AdapterConfig]:
-    """Register ``cls`` under its class name (done for every subclass of :class:`AdapterConfig`).
+    """Register ``cls`` under its class name (done for every subclass of [`AdapterConfig`][lightning_lowrank.AdapterConfig]).
 
     Adapter files store the method by class name, so two classes may not share one. Defining
     the same class again (same module and qualified name: a notebook cell re-run, a module

@@ -10,7 +10,7 @@ On a square layer this is the symmetric ``s * u(t) * A @ A.T``: half of LoRA's p
 same rank. ``t`` counts OPTIMIZER steps; it lives in the persistent buffer ``step`` so checkpoints
 and adapter files carry it. ``LowRankCallback`` advances it once per optimizer step (gradient
 accumulation and validation never do); without a Trainer call ``layer.set_step(t)`` or
-:func:`lightning_lowrank.set_step`. ``u(0) = 0`` makes the adapted model equal the base at step 0
+[`set_step`][lightning_lowrank.set_step]. ``u(0) = 0`` makes the adapted model equal the base at step 0
 while ``A`` itself is random: ``A = 0`` would receive a zero gradient forever.
 """
 
@@ -28,6 +28,8 @@ from lightning_lowrank.methods.base import (
     PeftLayer,
     Scaling,
     Side,
+    check_int,
+    check_number,
     embed_or_linear,
     kaiming_uniform_,
     peft_pair,
@@ -58,8 +60,9 @@ class SingLoRA(AdapterConfig):
         return [cls(rank=2, alpha=4.0, ramp_steps=10)]
 
     def __post_init__(self) -> None:
-        if self.ramp_steps < 0:
-            raise ValueError(f"ramp_steps must be >= 0, got {self.ramp_steps}")
+        self.rank = check_int("rank", self.rank, minimum=1)
+        self.alpha = check_number("alpha", self.alpha, nonzero=True)
+        self.ramp_steps = check_int("ramp_steps", self.ramp_steps, minimum=0)
         scale_factor(self.alpha, max(self.rank, 1), self.scaling)  # validates `scaling`
 
 
@@ -71,7 +74,7 @@ def ramp(step: Tensor, ramp_steps: int) -> Tensor:
 
 
 class SingLoRALayer(AdapterLayer):
-    """A base layer plus ``s * u(t) * A[:out] @ A[:in].T``. See :class:`SingLoRA`.
+    """A base layer plus ``s * u(t) * A[:out] @ A[:in].T``. See [`SingLoRA`][lightning_lowrank.SingLoRA].
 
     ``config`` may be any config with ``rank``, ``alpha``, ``scaling`` and ``ramp_steps`` (DoRA
     reuses this layer as its low-rank part).
@@ -96,7 +99,12 @@ class SingLoRALayer(AdapterLayer):
         self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=device))
 
     def set_step(self, step: int) -> None:
-        self.step.fill_(int(step))
+        self.step.fill_(check_int("step", step, minimum=0))
+
+    def initial_state(self) -> dict[str, Tensor]:
+        d, r = self.lora_A.shape
+        a_t = kaiming_uniform_(self._empty(r, d))
+        return {"lora_A": a_t.t().contiguous(), "step": torch.zeros((), dtype=torch.int64)}
 
     def ramp_value(self) -> Tensor:
         """The current ``u(t)`` as a 0-dim tensor."""

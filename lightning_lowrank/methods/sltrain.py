@@ -13,10 +13,10 @@ point (every weight is zero, and stacked zero layers pass no gradient).
 
 No sparse kernels: ``x @ S.T`` scatters the values into a dense ``(out, in)`` temporary for one
 matmul, and the values' gradient is the dense weight gradient ``grad_y.T @ x`` gathered at the
-support (:class:`SparseLinearFunction`). ``S`` is rebuilt in backward rather than kept alive.
+support (``SparseLinearFunction``). ``S`` is rebuilt in backward rather than kept alive.
 The low-rank part runs factored, ``s * (x @ A.T) @ B.T``, as in LoRA.
 
-Pre-training mode (``SLTrain(mode="pretrain")``, or :func:`lightning_lowrank.sltrain_pretrain`) removes the base
+Pre-training mode (``SLTrain(mode="pretrain")``, or [`sltrain_pretrain`][lightning_lowrank.sltrain_pretrain]) removes the base
 layer's dense weight parameter: only ``A``, ``B``, the sparse values (and the bias) train, and the
 memory of a dense weight, its gradient and its optimizer state is never spent. ``merge`` / ``unload``
 materialise ``s * B @ A + S`` as a plain weight again.
@@ -39,6 +39,10 @@ from lightning_lowrank.methods.base import (
     PeftExportError,
     Scaling,
     Side,
+    check_bool,
+    check_fraction,
+    check_int,
+    check_number,
     kaiming_uniform_,
     layer_kind,
     scale_factor,
@@ -59,7 +63,7 @@ class SLTrain(AdapterConfig):
         seed: seed of the sparse supports (combined with each layer's name).
         scaling: ``"standard"`` (``s = alpha / r``) or ``"rslora"`` (``s = alpha / sqrt(r)``).
         mode: ``"adapter"`` (over a frozen base weight) or ``"pretrain"`` (replaces the dense
-            weight; see :func:`lightning_lowrank.sltrain_pretrain`).
+            weight; see [`sltrain_pretrain`][lightning_lowrank.sltrain_pretrain]).
         train_a: ``False`` freezes A after initialisation (LoRA-FA style, adapter mode).
     """
 
@@ -84,8 +88,11 @@ class SLTrain(AdapterConfig):
         return self.mode == "adapter"
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.density <= 1.0:
-            raise ValueError(f"density must be in [0, 1], got {self.density}")
+        self.rank = check_int("rank", self.rank, minimum=1)
+        self.alpha = check_number("alpha", self.alpha, nonzero=True)
+        self.density = check_fraction("density", self.density, closed=True)
+        self.seed = check_int("seed", self.seed, minimum=0)
+        check_bool("train_a", self.train_a)
         if self.mode not in ("adapter", "pretrain"):
             raise ValueError(f"mode must be 'adapter' or 'pretrain', got {self.mode!r}")
         if self.mode == "pretrain" and not self.train_a:
@@ -119,7 +126,9 @@ def sparse_support(
     numel = out_features * in_features
     nnz = min(numel, round(density * numel))
     gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
-    return torch.randperm(numel, generator=gen)[:nnz].sort().values
+    # on the CPU whatever the default device: the generator is a CPU one (and stand-in layers
+    # built on the meta device still get, and check, their real support)
+    return torch.randperm(numel, generator=gen, device="cpu")[:nnz].sort().values
 
 
 def support_fingerprint(indices: Tensor) -> int:
@@ -162,7 +171,7 @@ def _scatter(values: Tensor, indices: Tensor, out_features: int, in_features: in
 
 class SLTrainLayer(AdapterLayer):
     """A base layer (or, in pre-training mode, no dense weight) plus ``s * B @ A + S``.
-    See :class:`SLTrain`."""
+    See [`SLTrain`][lightning_lowrank.SLTrain]."""
 
     config: SLTrain
     sparse_index: Tensor
@@ -188,6 +197,7 @@ class SLTrainLayer(AdapterLayer):
                 f"the sparse support of layer {name!r} regenerated from seed {config.seed} differs "
                 "from the one this adapter was trained with (another torch version's generator?)"
             )
+        self.support_name = name  # the support is regenerated from seed and name
         self.register_buffer("sparse_index", indices.to(device), persistent=False)
         self.sparse_values = nn.Parameter(torch.zeros(indices.numel(), dtype=dtype, device=device))
         if self.pretrain:
@@ -202,8 +212,12 @@ class SLTrainLayer(AdapterLayer):
                 # default initialisation, 1/(3 in).
                 with torch.no_grad():
                     kaiming_uniform_(self.lora_B).mul_(math.sqrt(3.0) / self.scale)
+
+    def on_attach(self) -> None:
+        if self.pretrain and "weight" in self.base._parameters:
             # the dense weight stops being a parameter: no storage, gradient or optimizer state
-            del base._parameters["weight"]
+            # (here, not at construction: a refused load must leave the base as it was)
+            del self.base._parameters["weight"]
 
     # --- protocol ---------------------------------------------------------------------------
     def low_rank_factors(self) -> None:
@@ -222,10 +236,16 @@ class SLTrainLayer(AdapterLayer):
         low = F.linear(F.linear(x, self.lora_A) * self.scale, self.lora_B)
         if self.nnz == 0:  # density 0 (pure low-rank): skip the dense matmul of zeros
             return low
-        sparse = SparseLinearFunction.apply(
-            x, self.sparse_values, self.sparse_index, self.out_features
-        )
-        return low + sparse
+        values: Tensor = self.sparse_values
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            # the Function has no amp handling of its own: run it in the autocast dtype with
+            # autocast off, so forward and backward see one dtype (the casts carry the gradient)
+            dtype = torch.get_autocast_dtype(device)
+            x, values = x.to(dtype), values.to(dtype)
+        with torch.autocast(device, enabled=False):
+            sparse = SparseLinearFunction.apply(x, values, self.sparse_index, self.out_features)
+        return low + sparse.to(low.dtype)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if not self.pretrain or self.merged:
@@ -250,6 +270,27 @@ class SLTrainLayer(AdapterLayer):
             sides["base.bias"] = "B"
         return sides
 
+    def initial_state(self) -> dict[str, Tensor]:
+        config: SLTrain = self.config
+        state = {
+            "lora_A": kaiming_uniform_(self._empty(*self.lora_A.shape)),
+            "lora_B": self._empty(*self.lora_B.shape).zero_(),
+            "sparse_index": sparse_support(
+                self.out_features, self.in_features, config.density, config.seed, self.support_name
+            ),
+            "sparse_values": self._empty(self.nnz).zero_(),
+        }
+        if self.pretrain:
+            bound = 1.0 / math.sqrt(self.in_features)
+            state["sparse_values"].uniform_(-bound, bound)
+            if self.nnz == 0:  # as in __init__: a random B, so that gradients flow
+                kaiming_uniform_(state["lora_B"]).mul_(math.sqrt(3.0) / self.scale)
+        return state
+
+    def _empty(self, *shape: int) -> Tensor:
+        w = self.lora_A  # in pre-training mode the base has no weight
+        return torch.empty(*shape, dtype=w.dtype, device=w.device)
+
     def layer_metadata(self) -> dict[str, Any]:
         return {"support_hash": support_fingerprint(self.sparse_index)}
 
@@ -263,12 +304,25 @@ class SLTrainLayer(AdapterLayer):
             return super().merge()
         if self.merged:
             return
-        weight = self.delta_weight()
-        if not torch.isfinite(weight).all():
-            raise ValueError("refusing to merge: the SLTrain weight has non-finite values")
+        weight = self._pretrain_weight()
         stored = weight if self.kind == "linear" else weight.t().contiguous()  # Conv1D is (in, out)
         self.base.weight = nn.Parameter(stored, requires_grad=False)
         self.merged = True
+
+    @torch.no_grad()
+    def _pretrain_weight(self) -> Tensor:
+        weight = self.delta_weight()
+        if not torch.isfinite(weight).all():
+            raise ValueError(
+                "refusing to merge: the SLTrain weight has non-finite values: nothing was merged"
+            )
+        return weight
+
+    def check_merge(self) -> None:
+        if not self.pretrain:
+            return super().check_merge()
+        if not self.merged:
+            self._pretrain_weight()
 
     @torch.no_grad()
     def unmerge(self) -> None:

@@ -16,7 +16,7 @@ output gets an exact zero that depends on every idle trainable parameter,
 ``0 * sum_p sum(p)`` (no matmul), so each receives a (zero) gradient; schedules set those to
 ``None`` before the optimizer step so the optimizer leaves them alone.
 
-:class:`AdapterLayer` applies the guards below to ``forward``, ``merge``, ``unmerge``,
+[`AdapterLayer`][lightning_lowrank.AdapterLayer] applies the guards below to ``forward``, ``merge``, ``unmerge``,
 ``delta_weight`` and ``low_rank_factors`` of every subclass when the class is defined
 (``__init_subclass__``), so a method that overrides them (DoRA) obeys the states too.
 """
@@ -148,7 +148,7 @@ def guard_class(cls: type) -> None:
 
 
 class LayerState:
-    """The disabled flag's and the tie's part of :class:`AdapterLayer` (mixed in before
+    """The disabled flag's and the tie's part of [`AdapterLayer`][lightning_lowrank.AdapterLayer] (mixed in before
     ``nn.Module``, whose attribute lookup it extends)."""
 
     disabled: bool

@@ -15,7 +15,7 @@ the update's rank is then simply at most ``min(out, in)``.
 
 The forward pass takes whichever of two exact orders costs fewer multiply-adds for the input at
 hand: the factored ``base(x) + ((x @ A.T) * d) @ B.T * b``, or, on a plain linear layer with
-enough tokens, the effective weight ``W0 + dW`` (:class:`VeRALinear`). The factored order costs
+enough tokens, the effective weight ``W0 + dW`` (``VeRALinear``). The factored order costs
 ``2 T r (in + out)`` multiply-adds per call of ``T`` tokens (forward and backward through two
 ``r``-wide products); the effective-weight order costs ``out r in + T r (in + out)``: one
 ``(out, in)`` product, the base matmuls run on ``W`` instead of ``W0``, and the gradients of ``d``
@@ -23,7 +23,7 @@ and ``b`` come from ``C = g^T (x A^T)``:
 
     dL/db_i = sum_k B_ik d_k C_ik,    dL/dd_k = sum_i b_i B_ik C_ik.
 
-It is cheaper when ``T (in + out) > out in`` (:func:`vera_prefers_dense`), which the layer checks
+It is cheaper when ``T (in + out) > out in`` (``vera_prefers_dense``), which the layer checks
 on every call. Both orders are exact; ``tests/methods/test_fused.py`` checks values and gradients.
 """
 
@@ -37,7 +37,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from lightning_lowrank.methods.base import AdapterConfig, AdapterLayer, PeftLayer, Side, peft_pair
+from lightning_lowrank.methods.base import (
+    AdapterConfig,
+    AdapterLayer,
+    PeftLayer,
+    Side,
+    check_int,
+    check_number,
+    peft_pair,
+)
 from lightning_lowrank.methods.fused import AutogradCtx, fusable, rows
 from lightning_lowrank.methods.layers import layer_kind, layer_shape, weight_dtype_device, weight_oi
 
@@ -60,6 +68,11 @@ class VeRA(AdapterConfig):
     def examples(cls) -> list[VeRA]:
         return [cls(rank=4, seed=3)]
 
+    def __post_init__(self) -> None:
+        self.rank = check_int("rank", self.rank, minimum=1)
+        self.d_init = check_number("d_init", self.d_init, nonzero=True)
+        self.seed = check_int("seed", self.seed, minimum=0)
+
     def validate_layer(self, name: str, base: nn.Module) -> None:
         if self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
@@ -73,16 +86,23 @@ class VeRA(AdapterConfig):
     def build(
         self, bases: dict[str, nn.Module], layer_meta: dict[str, dict[str, Any]] | None = None
     ) -> dict[str, AdapterLayer]:
-        layer_meta = layer_meta or {}
+        layer_meta = {n: dict(facts) for n, facts in (layer_meta or {}).items()}
         shapes = [layer_shape(b) for b in bases.values()]
+        # the pair's size as recorded when it was drawn: a file may lack the widest layer
+        # (LoRA-drop's "drop" mode leaves dropped layers out), and the draw depends on the size
+        ins = [
+            check_int("pair_in", f.pop("pair_in"), 1) for f in layer_meta.values() if "pair_in" in f
+        ]
+        outs = [
+            check_int("pair_out", f.pop("pair_out"), 1)
+            for f in layer_meta.values()
+            if "pair_out" in f
+        ]
+        in_max = max([i for _, i in shapes] + ins)
+        out_max = max([o for o, _ in shapes] + outs)
         dtype, device = weight_dtype_device(next(iter(bases.values())))
         shared = SharedProjection(
-            self.rank,
-            in_max=max(i for _, i in shapes),
-            out_max=max(o for o, _ in shapes),
-            seed=self.seed,
-            dtype=dtype,
-            device=device,
+            self.rank, in_max, out_max, seed=self.seed, dtype=dtype, device=device
         )
         return {
             name: VeRALayer(base, self, shared, **layer_meta.get(name, {}))
@@ -109,18 +129,34 @@ class SharedProjection(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
+        self.seed = seed
+        a, b = self.draw(rank, in_max, out_max, seed)
+        self.register_buffer("A", a.to(device=device, dtype=dtype), persistent=False)
+        self.register_buffer("B", b.to(device=device, dtype=dtype), persistent=False)
+
+    @staticmethod
+    def draw(rank: int, in_max: int, out_max: int, seed: int) -> tuple[Tensor, Tensor]:
+        """The pair drawn from ``seed`` (float32, CPU)."""
         gen = torch.Generator().manual_seed(seed)
         a = kaiming_uniform_generated(torch.empty(rank, in_max), gen)
         b = kaiming_uniform_generated(torch.empty(out_max, rank), gen)
-        self.register_buffer("A", a.to(device=device, dtype=dtype), persistent=False)
-        self.register_buffer("B", b.to(device=device, dtype=dtype), persistent=False)
+        return a, b
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Regenerate the pair from the seed (after Lightning materialises a meta-device model)."""
+        if self.A.is_meta:
+            return
+        a, b = self.draw(self.A.shape[0], self.A.shape[1], self.B.shape[0], self.seed)
+        self.A.copy_(a)
+        self.B.copy_(b)
 
     def extra_repr(self) -> str:
         return f"rank={self.A.shape[0]}, in_max={self.A.shape[1]}, out_max={self.B.shape[0]}"
 
 
 def kaiming_uniform_generated(t: Tensor, generator: torch.Generator) -> Tensor:
-    """:func:`kaiming_uniform_` (``a = sqrt(5)``) drawing from ``generator``."""
+    """``kaiming_uniform_`` (``a = sqrt(5)``) drawing from ``generator``."""
     return nn.init.kaiming_uniform_(t, a=5**0.5, generator=generator)
 
 
@@ -181,7 +217,7 @@ class VeRALinear(torch.autograd.Function):
 def vera_linear(
     x: Tensor, w0: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, d: Tensor, lam_b: Tensor
 ) -> Tensor:
-    """:class:`VeRALinear` with the base weight ``w0`` as ``(out, in)``; without autograd, one
+    """``VeRALinear`` with the base weight ``w0`` as ``(out, in)``; without autograd, one
     dense matmul."""
     if not torch.is_grad_enabled():
         return F.linear(x, vera_weight(w0, a, b, d, lam_b), bias)
@@ -190,7 +226,7 @@ def vera_linear(
 
 
 class VeRALayer(AdapterLayer):
-    """A base layer plus ``diag(b) B[:out] diag(d) A[:, :in]``. See :class:`VeRA`."""
+    """A base layer plus ``diag(b) B[:out] diag(d) A[:, :in]``. See [`VeRA`][lightning_lowrank.VeRA]."""
 
     def __init__(self, base: nn.Module, config: VeRA, shared: SharedProjection) -> None:
         super().__init__(base, config)
@@ -207,6 +243,16 @@ class VeRALayer(AdapterLayer):
         self.vera_lambda_b = nn.Parameter(
             torch.zeros(self.out_features, dtype=dtype, device=device)
         )
+
+    def layer_metadata(self) -> dict[str, Any]:
+        return {"pair_in": self.shared.A.shape[1], "pair_out": self.shared.B.shape[0]}
+
+    def initial_state(self) -> dict[str, Tensor]:
+        d_init = float(self.config.d_init)  # type: ignore[attr-defined]
+        return {
+            "vera_lambda_d": self._empty(*self.vera_lambda_d.shape).fill_(d_init),
+            "vera_lambda_b": self._empty(*self.vera_lambda_b.shape).zero_(),
+        }
 
     def shared_slices(self) -> tuple[Tensor, Tensor]:
         """This layer's slices ``(B[:out], A[:, :in])`` of the shared pair."""

@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import warnings
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from lightning_lowrank.files import replace_directory_files
 from lightning_lowrank.inject import adapter_layers
 from lightning_lowrank.methods.base import AdapterLayer, PeftExportError, PeftLayer
 from lightning_lowrank.peft.files import CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME
@@ -28,6 +27,7 @@ from lightning_lowrank.peft.names import (
     target_modules,
 )
 from lightning_lowrank.quant.model import record as quant_record
+from lightning_lowrank.shard import needs_gather, on_rank_zero
 
 
 def _peft_form(name: str, layer: AdapterLayer) -> PeftLayer | None:
@@ -193,15 +193,23 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, root: str | None
 
     Raises:
         PeftExportError: a layer's method has no exact PEFT form; the message says what to do.
+
+    On a model sharded with FSDP2, every rank must call it: the adapter is gathered and global
+    rank 0 writes the directory.
     """
+    if needs_gather(model):
+        return on_rank_zero(model, lambda: export_peft(model, directory, root))
     config, tensors = peft_adapter(model, root)
     metadata = {"format": "pt", **base_quantization_note(model, root)}
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata=metadata))
     text = json.dumps(config, indent=2, sort_keys=True)
-    _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text + "\n"))
-    return directory
+    # both files at once: a crash never leaves new weights under an old config (files.py)
+    return replace_directory_files(
+        directory,
+        {
+            WEIGHTS_NAME: lambda p: save_file(tensors, p, metadata=metadata),
+            CONFIG_NAME: lambda p: Path(p).write_text(text + "\n"),
+        },
+    )
 
 
 def base_quantization_note(model: nn.Module, root: str | None = None) -> dict[str, str]:
@@ -216,15 +224,3 @@ def base_quantization_note(model: nn.Module, root: str | None = None) -> dict[st
     root = export_root(model, list(adapter_layers(model)), root)
     inner = {relative(n, root): v for n, v in recorded.items() if inside(n, root)}
     return {"base_quantization": json.dumps(inner, sort_keys=True)}
-
-
-def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,22 @@ def check_config(config: dict[str, Any], directory: Path) -> None:
             f"{directory}: bias={config['bias']!r} adapters train base biases, which is not "
             "supported here; merge the adapter in PEFT (merge_and_unload) instead"
         )
-    for key in ("r", "lora_alpha"):
-        if not isinstance(config.get(key), (int, float)) or config[key] <= 0:
-            raise ValueError(f"{directory}: adapter_config {key} must be a positive number")
+    _check_positive(directory, "r", config.get("r"), integer=True)
+    _check_positive(directory, "lora_alpha", config.get("lora_alpha"), integer=False)
+    for key, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, dict):
+            raise ValueError(f"{directory}: adapter_config {key} must be an object")
+        for pattern, value in patterns.items():
+            _check_positive(directory, f"{key}[{pattern!r}]", value, integer)
+
+
+def _check_positive(directory: Path, key: str, value: Any, integer: bool) -> None:
+    """A finite positive number (an integer for ranks), as PEFT writes them."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and math.isfinite(value) and value > 0
+    if ok and integer:
+        ok = float(value).is_integer()
+    if not ok:
+        kind = "a positive integer" if integer else "a finite positive number"
+        raise ValueError(f"{directory}: adapter_config {key} must be {kind}, got {value!r}")

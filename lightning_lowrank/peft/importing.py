@@ -127,23 +127,60 @@ def _plan(
             alpha=float(pattern_value(alpha_pattern, module, alpha0)),
         )
 
-    # modules_to_save: whole modules (e.g. a classifier head) stored under their own names
+    # modules_to_save: whole modules (e.g. a classifier head) stored under their own names;
+    # "<layer>.base_layer.<p>": an adapted layer's own base tensors (PEFT's save_embedding_layers)
     state = check_root(model, root).state_dict()
+    save = config.get("modules_to_save") or []
     extra: dict[str, Tensor] = {}
+    # tensors tied to an adapted layer's base weight (GPT-2's lm_head, saved next to wte's
+    # base_layer by save_embedding_layers): the same storage, so the same value
+    base_ptrs = {
+        state[f"{m}.{p}"].data_ptr(): f"{m}.{p}"
+        for m in grouped
+        for p in ("weight", "bias")
+        if f"{m}.{p}" in state
+    }
     for key, value in others.items():
-        if key not in state:
+        module, _, param = key.rpartition(".")
+        tied = (
+            base_ptrs.get(state[key].data_ptr()) if key in state and module not in grouped else None
+        )
+        if module.endswith(".base_layer") and module[: -len(".base_layer")] in grouped:
+            target = module[: -len(".base_layer")] + "." + param
+        elif tied is not None:
+            target = tied
+        elif module in grouped:
             raise ValueError(
-                f"{directory}: unexpected key {KEY_PREFIX + key!r}: neither a LoRA tensor nor a "
-                "parameter of this model"
+                f"{directory}: {KEY_PREFIX + key!r} is the base weight of an adapted layer; a "
+                "LoRA adapter carries no base weights: load the matching base model instead"
             )
-        if tuple(value.shape) != tuple(state[key].shape):
+        elif any(
+            module == e or module.startswith(e + ".") or ("." + e + ".") in f".{module}."
+            for e in save
+        ):
+            target = key
+        else:
+            raise ValueError(
+                f"{directory}: unexpected key {KEY_PREFIX + key!r}: neither a LoRA tensor, an "
+                "adapted layer's base_layer tensor nor part of modules_to_save "
+                f"({save}); nothing was changed"
+            )
+        if target not in state:
+            raise ValueError(
+                f"{directory}: unexpected key {KEY_PREFIX + key!r}: not a parameter of this model"
+            )
+        if tuple(value.shape) != tuple(state[target].shape):
             raise ValueError(
                 f"{directory}: {key} has shape {tuple(value.shape)} but the model's is "
-                f"{tuple(state[key].shape)}"
+                f"{tuple(state[target].shape)}"
             )
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            raise ValueError(f"{directory}: {key} holds non-finite values")
-        extra[absolute(key, root)] = value
+        if not value.is_floating_point() or not torch.isfinite(value).all():
+            raise ValueError(f"{directory}: {key} holds non-finite or non-float values")
+        if absolute(target, root) in extra and not torch.equal(
+            extra[absolute(target, root)], value
+        ):
+            raise ValueError(f"{directory}: {key} and the tensor tied to it hold different values")
+        extra[absolute(target, root)] = value
     return root, planned, extra
 
 
@@ -202,7 +239,17 @@ def import_peft(
         for part, value in p.tensors.items():
             if tuple(own[names[part]].shape) != tuple(value.shape):
                 raise ValueError(f"{directory}: {name} does not fit the layer built for it")
-    owners = sorted({k.rpartition(".")[0] for k in extra})
+    # an adapted layer's base tensors live under "<layer>.base." once attached; they stay frozen
+    moved = {
+        (
+            f"{k.rpartition('.')[0]}.base.{k.rpartition('.')[2]}"
+            if k.rpartition(".")[0] in planned
+            else k
+        ): v
+        for k, v in extra.items()
+    }
+    owners = sorted({k.rpartition(".")[0] for k in extra if k.rpartition(".")[0] not in planned})
+    extra = moved
     attach(model, layers, train_modules=None)
     with torch.no_grad():
         for name, p in planned.items():

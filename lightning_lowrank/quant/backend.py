@@ -2,14 +2,14 @@
 weights back as dense tensors.
 
 bitsandbytes is imported inside these functions only, so that a model without quantized layers
-never loads it. Recognising a bitsandbytes layer (:func:`quant_format`) needs no import: it reads
+never loads it. Recognising a bitsandbytes layer (``quant_format``) needs no import: it reads
 the class's module name.
 
 The eval-mode repack. On CPUs with AVX512-BF16, ``Linear4bit.forward`` in eval mode without
 gradients rewrites ``weight.data`` in place into a kernel-specific layout (and the absmax values
 into bfloat16, transposed), flagging ``quant_state.packing_format_for_cpu``; from then on
 ``bitsandbytes.functional.dequantize_4bit`` reads the wrong layout (errors of the order of the
-weights). :func:`dequantize` detects the flag and decodes the packed layout on copies, with the
+weights). ``dequantize`` detects the flag and decodes the packed layout on copies, with the
 bfloat16 absmax the packed forward itself uses, leaving the layer as it is.
 """
 
@@ -87,7 +87,7 @@ def describe(module: nn.Module) -> dict[str, Any]:
 @torch.no_grad()
 def dequantize(module: nn.Module, dtype: torch.dtype | None = None) -> Tensor:
     """The dense ``(out, in)`` weight a quantized layer computes with, as a new tensor in
-    ``dtype`` (default: :func:`compute_dtype`). The layer is not changed."""
+    ``dtype`` (default: ``compute_dtype``). The layer is not changed."""
     fmt = quant_format(module)
     if fmt is None:
         raise TypeError(f"{type(module).__name__} is not a quantized layer")
@@ -109,7 +109,8 @@ def dequantize(module: nn.Module, dtype: torch.dtype | None = None) -> Tensor:
 
 def _unpack_cpu(functional: Any, data: Tensor, state: Any) -> tuple[Tensor, Any]:
     """The standard 4-bit layout and a plain quant state for a weight repacked by an eval-mode
-    forward on an AVX512-BF16 CPU (see the module docstring), built on copies."""
+    forward on an AVX512-BF16 CPU (see the docstring of ``lightning_lowrank.quant.backend``),
+    built on copies."""
     mirror = copy.copy(state)
     mirror.original_nested = False  # keep the absmax as the packed forward uses it
     codes, _ = functional._convert_weight_packed_for_cpu_inverse(data, mirror)
@@ -147,7 +148,7 @@ def layer_blocksize(in_features: int, requested: int) -> int | None:
 
 
 def quantizable(module: nn.Module, requested: int = 64) -> str | None:
-    """None if :func:`quantize_linear` takes ``module``, else the reason it does not."""
+    """None if ``quantize_linear`` takes ``module``, else the reason it does not."""
     if type(module) is not nn.Linear:
         return f"{type(module).__name__} is not a plain nn.Linear"
     if not module.weight.is_floating_point():
@@ -164,7 +165,7 @@ def quantize_linear(linear: nn.Linear, spec: NF4) -> nn.Module:
     """A bitsandbytes ``Linear4bit`` (NF4) computing with ``linear``'s weight quantized.
 
     The new layer computes in the weight's dtype and keeps ``linear``'s bias parameter (frozen,
-    unquantized); its block size follows :func:`layer_blocksize`. ``linear`` is not changed."""
+    unquantized); its block size follows ``layer_blocksize``. ``linear`` is not changed."""
     reason = quantizable(linear, spec.blocksize)
     if reason is not None:
         raise TypeError(f"cannot quantize this layer: {reason}")
@@ -196,6 +197,6 @@ def quantize_linear(linear: nn.Linear, spec: NF4) -> nn.Module:
 
 
 def spec_matches(module: nn.Module, facts: dict[str, Any]) -> bool:
-    """Whether a quantized layer is stored as ``facts`` (from :func:`describe`) say."""
+    """Whether a quantized layer is stored as ``facts`` (from ``describe``) say."""
     mine = describe(module)
     return all(mine.get(k) == v for k, v in facts.items() if k != "dtype")

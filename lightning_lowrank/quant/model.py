@@ -4,7 +4,7 @@ files keep of a quantized base, and unloading onto plain layers.
 The rule for layers the backend cannot take: plain ``nn.Linear`` layers are quantized, in absmax
 blocks of the requested size if it divides ``in_features``, else of the largest smaller power of
 two that does (at least 32; recorded per layer in adapter files; see
-:func:`~lightning_lowrank.quant.backend.layer_blocksize`). Targets of other types (GPT-2's
+``lightning_lowrank.quant.backend.layer_blocksize``). Targets of other types (GPT-2's
 ``Conv1D``, ``nn.Embedding``) or with ``in_features`` not a multiple of 32 keep their dense weight,
 and a warning names them. Layers a model already holds
 quantized (bitsandbytes ``Linear4bit``, int8 ``Linear8bitLt``) are adapted as they come.
@@ -19,8 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from lightning_lowrank.methods.base import AdapterConfig, AdapterLayer
-from lightning_lowrank.methods.layers import is_quantized
+from lightning_lowrank.methods.layers import is_quantized, layer_shape
 from lightning_lowrank.quant.backend import (
+    compute_dtype,
     dequantize,
     describe,
     quant_format,
@@ -184,3 +185,11 @@ def quantized_state_keys(model: nn.Module) -> set[str]:
         own = module.state_dict(prefix=prefix, keep_vars=True)
         keys |= {k for k in own if k not in params and k.startswith(prefix)}
     return keys
+
+
+def meta_linear(base: nn.Module) -> nn.Linear:
+    """A dense ``nn.Linear`` on the ``meta`` device shaped like the quantized ``base``, in its
+    compute dtype: what adapters built over ``base`` see (a stand-in that holds no memory)."""
+    out, in_ = layer_shape(base)
+    bias = getattr(base, "bias", None) is not None
+    return nn.Linear(in_, out, bias=bias, device="meta", dtype=compute_dtype(base))

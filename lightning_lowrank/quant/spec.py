@@ -1,11 +1,12 @@
 """What ``quantize_base=`` asks for: the storage format of the frozen base weights.
 
-``quantize_base="nf4"`` is :class:`NF4` with its defaults. Importing this module imports no
+``quantize_base="nf4"`` is ``NF4`` with its defaults. Importing this module imports no
 quantisation backend: bitsandbytes is imported only when a layer is quantized or dequantized.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -52,7 +53,7 @@ QuantizeSpec = str | NF4 | None
 
 
 def resolve(spec: QuantizeSpec) -> NF4 | None:
-    """``None``, ``"nf4"`` or an :class:`NF4` as an :class:`NF4` (or None)."""
+    """``None``, ``"nf4"`` or an ``NF4`` as an ``NF4`` (or None)."""
     if spec is None or isinstance(spec, NF4):
         return spec
     if isinstance(spec, str) and spec.lower() == "nf4":
@@ -64,3 +65,14 @@ def resolve(spec: QuantizeSpec) -> NF4 | None:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def check_schedules_over(spec: NF4 | None, schedules: Sequence[Any]) -> NF4 | None:
+    """``spec``, after refusing a schedule that writes into base weights a quantized base keeps
+    in 4 bits (``DeltaLoRA(mode='inplace')``)."""
+    if spec is not None and any(getattr(s, "mode", None) == "inplace" for s in schedules):
+        raise ValueError(
+            "DeltaLoRA(mode='inplace') writes into the base weights, which quantize_base "
+            "stores in 4 bits: use DeltaLoRA(mode='implicit') over a quantized base"
+        )
+    return spec

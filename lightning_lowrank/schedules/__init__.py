@@ -15,7 +15,7 @@ from lightning_lowrank.schedules.lora_drop import LoRADrop, plot_importance
 def default_schedules(method: AdapterConfig, given: Sequence[Schedule] = ()) -> list[Schedule]:
     """Schedules that a method config implies and ``given`` does not already hold.
 
-    AdaLoRA's rank allocator runs automatically, unless ``given`` has a :class:`RankAllocator`
+    AdaLoRA's rank allocator runs automatically, unless ``given`` has a [`RankAllocator`][lightning_lowrank.RankAllocator]
     (the user's own, e.g. with another budget): one allocator only, never two.
     """
     if isinstance(method, AdaLoRA) and not any(isinstance(s, RankAllocator) for s in given):

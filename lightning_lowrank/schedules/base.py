@@ -28,6 +28,11 @@ class Schedule:
     ) -> None:
         """Called once after injection, before the strategy wraps the model."""
 
+    def check_run_length(self, total_steps: int | None, steps_per_epoch: int | None) -> None:
+        """Called before a fit starts with what is known of its length (None: unknown, e.g. an
+        ``IterableDataset`` without ``max_steps``). Raise a ``ValueError`` naming the fix if the
+        schedule cannot run without it, so the run fails before its first step."""
+
     def train_start(
         self,
         model: nn.Module,
@@ -69,9 +74,14 @@ class Schedule:
         """Whether adapter-only checkpoints must keep the adapted layers' base weights."""
         return False
 
+    def shares_adapters(self) -> bool:
+        """Whether layers may compute with other layers' adapter parameters (LoRA-drop's
+        sharing): under FSDP2 all adapter parameters then live in one group."""
+        return False
+
     def state_dict(self) -> dict[str, Any]:
-        """What a resumed run needs to continue exactly; saved under :attr:`state_key`."""
+        """What a resumed run needs to continue exactly; saved under ``state_key``."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
+        """Restore what ``state_dict`` returned."""

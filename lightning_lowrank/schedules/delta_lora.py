@@ -19,7 +19,7 @@ Two equivalent forms (``mode``):
   ``lambda * (dW_t - dW_K) x`` with the factors detached (the adapter's gradient is exactly the
   in-place form's, and the input still gets the gradient of the full effective weight).
 
-Either way each layer carries a :class:`DeltaLoRABase` extension whose persistent buffers hold
+Either way each layer carries a ``DeltaLoRABase`` extension whose persistent buffers hold
 ``dW_K`` (as factors, or dense for methods without factors). Adapter files and checkpoints therefore
 carry what rebuilds the trained model from the ORIGINAL base: ``load_adapter`` on a fresh base
 model restores the implicit form, which gives the same outputs as the trained in-place model.
@@ -30,17 +30,25 @@ base weight's gradient (the paper turns it off).
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
-from lightning_lowrank.methods.base import AdapterLayer, LayerExtension, embed_or_linear, weight_oi
+from lightning_lowrank.methods.base import (
+    AdapterLayer,
+    LayerExtension,
+    check_int,
+    check_number,
+    embed_or_linear,
+    weight_oi,
+)
 from lightning_lowrank.methods.layers import is_quantized
 from lightning_lowrank.schedules.base import Schedule
+from lightning_lowrank.shard import gathered, shard_like
 
 Mode = Literal["inplace", "implicit"]
 #: a snapshot of ``dW``: ``(c * B, A)`` factors, or the dense matrix
@@ -50,12 +58,14 @@ Snapshot = tuple[Tensor, Tensor] | Tensor
 @torch.no_grad()
 def delta_snapshot(layer: AdapterLayer) -> Snapshot:
     """A copy of the layer's current ``dW``: ``(c * B, A)`` when the method has low-rank factors
-    (``k * (out + in)`` values), else the dense ``delta_weight()``."""
-    factors = layer.low_rank_factors()
-    if factors is None:
-        return layer.delta_weight().detach().clone()
-    b, a, c = factors
-    return (b * c).detach(), a.detach().clone()
+    (``k * (out + in)`` values), else the dense ``delta_weight()``. Full tensors, also when the
+    adapter is sharded (FSDP2: gathered, a collective)."""
+    with gathered(layer, everything=False):
+        factors = layer.low_rank_factors()
+        if factors is None:
+            return layer.delta_weight().detach().clone()
+        b, a, c = factors
+        return (b * c).detach().clone(), a.detach().clone()
 
 
 @torch.no_grad()
@@ -65,15 +75,29 @@ def apply_base_update(layer: AdapterLayer, before: Snapshot, scale: float) -> No
     With factors on both sides this is one rank-``2k`` ``addmm_`` into the weight's own storage
     (also through the transposed views of ``Conv1D`` and embedding tables)."""
     w = weight_oi(layer.base)
-    now = layer.low_rank_factors()
-    if now is not None and isinstance(before, tuple):
-        b, a, c = now
-        left = torch.cat([b * c, before[0]], dim=1).to(w.dtype)
-        right = torch.cat([a, -before[1]], dim=0).to(w.dtype)
-        w.addmm_(left, right, alpha=scale)
+    now = delta_snapshot(layer)
+    if isinstance(now, tuple) and isinstance(before, tuple):
+        left = torch.cat([now[0], before[0]], dim=1).to(w.dtype)
+        right = torch.cat([now[1], -before[1]], dim=0).to(w.dtype)
+        if isinstance(layer.base.weight, DTensor):
+            _addmm_sharded(layer, left, right, scale)
+        else:
+            w.addmm_(left, right, alpha=scale)
         return
+    now = now if isinstance(now, Tensor) else now[0] @ now[1]
     old = before if isinstance(before, Tensor) else before[0] @ before[1]
-    w.add_((layer.delta_weight() - old).to(w.dtype), alpha=scale)
+    w.add_(shard_like((now - old).to(w.dtype), w), alpha=scale)
+
+
+def _addmm_sharded(layer: AdapterLayer, left: Tensor, right: Tensor, scale: float) -> None:
+    """``W += scale * left @ right`` on this rank's rows of a base weight sharded by FSDP2
+    (``Shard(0)`` of its storage), in the shard's own storage: writes there persist, unlike
+    writes into the unsharded weight FSDP2 builds for the forward."""
+    weight = cast(DTensor, layer.base.weight)
+    # storage (out, in) for nn.Linear; (in, out) for Conv1D and embeddings: W^T += R^T L^T
+    first, second = (left, right) if layer.kind == "linear" else (right.t(), left.t())
+    rows = cast(DTensor, shard_like(first.contiguous(), weight)).to_local()  # this rank's rows
+    weight.to_local().addmm_(rows, second, alpha=scale)
 
 
 class DeltaLoRABase(LayerExtension):
@@ -183,7 +207,7 @@ class DeltaLoRA(Schedule):
     Pass it to the callback:
     ``LowRankCallback(LoRA(rank=8, alpha=16), schedules=[DeltaLoRA(scale=2.0, start_step=500)])``.
     It works over every method whose layers use the generic forward and merge of
-    :class:`~lightning_lowrank.methods.base.AdapterLayer` (LoRA, LoRA-FA, SingLoRA, ...);
+    [`AdapterLayer`][lightning_lowrank.AdapterLayer] (LoRA, LoRA-FA, SingLoRA, ...);
     methods with ``low_rank_factors()`` get the cheap rank-``2k`` update, others a dense one.
 
     Args:
@@ -197,10 +221,8 @@ class DeltaLoRA(Schedule):
     """
 
     def __init__(self, scale: float = 2.0, start_step: int = 500, mode: Mode = "inplace") -> None:
-        if not math.isfinite(scale):
-            raise ValueError(f"scale must be a finite number, got {scale}")
-        if start_step < 0:
-            raise ValueError(f"start_step must be >= 0, got {start_step}")
+        scale = check_number("scale", scale, nonzero=True)
+        start_step = check_int("start_step", start_step, minimum=0)
         if mode not in ("inplace", "implicit"):
             raise ValueError(f"mode must be 'inplace' or 'implicit', got {mode!r}")
         self.scale = float(scale)
@@ -222,6 +244,8 @@ class DeltaLoRA(Schedule):
                     "adds the same term in the forward and leaves the base untouched"
                 )
         for layer in layers.values():
+            if self.mode == "inplace":
+                layer.own_base_weight()  # a tied weight's other users keep the original
             factors = layer.low_rank_factors()
             rank = None if factors is None else int(factors[0].shape[1])
             layer.extension = DeltaLoRABase(layer, self.scale, rank, self.mode == "implicit")
@@ -246,9 +270,18 @@ class DeltaLoRA(Schedule):
     def after_optimizer_step(
         self, model: nn.Module, layers: dict[str, AdapterLayer], step: int
     ) -> None:
-        for name, before in self._before.items():
-            apply_base_update(layers[name], before, self.scale)
-        self._before = {}
+        before, self._before = self._before, {}
+        if before and not _all_finite([layers[n] for n in before]):
+            # a non-finite loss or gradient reached the adapter: never let it into the base
+            # weights (one host sync per step, for all layers at once)
+            warnings.warn(
+                f"DeltaLoRA: the adapter has non-finite values after optimizer step {step} (a "
+                "NaN/inf loss or gradient?): the base-weight update of this step is skipped",
+                stacklevel=2,
+            )
+            return
+        for name, snapshot in before.items():
+            apply_base_update(layers[name], snapshot, self.scale)
 
     def checkpoint_keeps_base(self) -> bool:
         # the in-place form changes the adapted layers' base weights; the implicit one does not
@@ -267,6 +300,16 @@ class DeltaLoRA(Schedule):
         self.active = bool(state["active"])
         for layer in self._layers.values():
             _extension(layer).active = self.active
+
+
+def _all_finite(layers: list[AdapterLayer]) -> bool:
+    flags = [
+        torch.isfinite(p).all()
+        for layer in layers
+        for n, p in layer.named_parameters()
+        if not n.startswith("base.") and p.is_floating_point()
+    ]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 def _adapter_dtype(layer: AdapterLayer) -> torch.dtype:

@@ -5,8 +5,10 @@ injected into a small float64 model with layers of the three orientations (out >
 square) and must satisfy the protocol that the rest of the library relies on:
 
 - the paper's identity at initialisation, where it holds (``config.identity_at_init``);
-- exactly the parameters named by ``param_sides()`` train;
+- exactly the parameters named by ``param_sides()`` train, and they are the adapter parameters
+  the layer itself creates trainable (so a ``param_sides()`` that forgets one is caught);
 - ``merged_delta()`` (``delta_weight()`` plus any extension) is what the forward adds;
+- ``low_rank_factors()``, where given, is the same update: ``c * B @ A == delta_weight()``;
 - merge then unmerge is a float64 round trip;
 - an adapter file loads onto a fresh model exactly;
 - PEFT export is exact (checked by importing it back) or a refusal that gives its reason;
@@ -138,6 +140,33 @@ def test_exactly_param_sides_train(config):
 
 
 @pytest.mark.parametrize("config", EXAMPLES)
+def test_param_sides_name_the_parameters_the_layer_creates_trainable(config):
+    """``inject`` trusts ``param_sides()``; a layer's own flags at construction are the method's
+    intent (LoRA-FA's frozen A), so a side that is forgotten or added shows up here."""
+    model = fresh()
+    bases = {name: getattr(model, name).requires_grad_(False) for name in TARGETS}
+    for name, layer in copy.deepcopy(config).build(bases).items():
+        created = {
+            n for n, p in layer.named_parameters() if p.requires_grad and not n.startswith("base.")
+        }
+        sides = {n for n in layer.param_sides() if not n.startswith("base.")}
+        assert sides == created, name
+
+
+@pytest.mark.parametrize("config", EXAMPLES)
+def test_low_rank_factors_are_the_delta(config):
+    """Delta-LoRA and analysis use ``(B, A, c)`` in place of ``delta_weight()``."""
+    for name, layer in adapter_layers(perturbed(config)).items():
+        factors = layer.low_rank_factors()
+        if factors is None:
+            continue
+        b, a, c = factors
+        assert b.shape == (layer.out_features, a.shape[0]), name
+        assert a.shape == (b.shape[1], layer.in_features), name
+        torch.testing.assert_close(c * b @ a, layer.delta_weight(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("config", EXAMPLES)
 def test_merged_delta_is_what_the_forward_adds(config):
     model = perturbed(config)
     x = torch.randn(4, 3, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
@@ -205,3 +234,54 @@ def test_state_dict_keys_are_stable(config, tmp_path):
     load_adapter(other, save_adapter(model, tmp_path / "a.safetensors"))
     assert sorted(adapter_state_dict(other)) == keys  # a file round trip
     assert all(k.split(".", 1)[0] in TARGETS for k in keys)
+
+
+def _materialise(model: nn.Module) -> None:
+    """What Lightning does to a meta-device model: ``to_empty``, then ``reset_parameters`` on
+    every module that holds tensors (parents before children), then the callback's
+    ``init_from_base`` once the bases have their values."""
+    model.to_empty(device="cpu")
+    for module in model.modules():
+        has_tensors = any(True for _ in module.parameters(recurse=False)) or any(
+            True for _ in module.buffers(recurse=False)
+        )
+        if has_tensors and callable(getattr(module, "reset_parameters", None)):
+            module.reset_parameters()
+    for layer in adapter_layers(model).values():
+        layer.init_from_base()
+
+
+@pytest.mark.parametrize("config", EXAMPLES)
+def test_meta_device_build_materialises_with_the_init(config):
+    if getattr(config, "mode", None) == "pretrain":
+        pytest.skip("SLTrain's pre-training mode deletes the base weight that nn.Linear resets")
+    with torch.device("meta"):
+        model = Net().double()
+    inject(model, copy.deepcopy(config), TARGETS)
+    _materialise(model)
+    reference = adapted(config)
+    got, want = adapter_state_dict(model), adapter_state_dict(reference)
+    assert set(got) == set(want)
+    for key, value in got.items():
+        assert value.shape == want[key].shape and value.dtype == want[key].dtype, key
+        assert torch.isfinite(value).all() if value.is_floating_point() else True, key
+    # deterministic parts (zeros, constants, seeded supports) equal a regular build's; random
+    # ones (Kaiming, Gaussian) are redrawn, so only their scale is compared
+    for key, value in want.items():
+        if key.endswith("magnitude"):  # DoRA: the row norms of the materialised base
+            layer = adapter_layers(model)[key.rsplit(".", 1)[0]]
+            norm = torch.linalg.vector_norm(weight_oi(layer.base), dim=1)
+            torch.testing.assert_close(got[key], norm, rtol=1e-12, atol=1e-12)
+        elif not value.is_floating_point() or value.std() == 0 or value.numel() == 1:
+            assert torch.equal(got[key], value), key
+        else:
+            assert 0.5 < float(got[key].std() / value.std()) < 2.0, key
+    if config.identity_at_init:
+        x = inputs()
+        plain = fresh()
+        with torch.no_grad():  # the materialised model's own base weights
+            for name in ("up", "down", "square", "head"):
+                base = getattr(model, name)
+                base = getattr(base, "base", base)
+                getattr(plain, name).load_state_dict(base.state_dict())
+        torch.testing.assert_close(model(x), plain(x), rtol=1e-12, atol=1e-12)

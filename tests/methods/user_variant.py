@@ -26,6 +26,14 @@ class MyLoRALayer(LoRALayer):
             self.lora_A.normal_(0.0, config.a_std)
         self.register_buffer("fan_in", torch.tensor(float(self.in_features)))
 
+    def initial_state(self) -> dict[str, torch.Tensor]:
+        # what reset_parameters re-draws (a meta-device model, once materialised): this
+        # variant's own init, not LoRA's
+        state = super().initial_state()
+        state["lora_A"].normal_(0.0, self.config.a_std)
+        state["fan_in"] = torch.tensor(float(self.in_features))
+        return state
+
 
 @dataclass
 class MyLoRA(LoRA):

@@ -1,9 +1,9 @@
 """AdaLoRA's schedule: the rank allocator, its budget ``b(t)`` and the orthogonality regulariser.
 
-- :mod:`.allocator`: :class:`RankAllocator`, importance scores and global soft masking;
-- :mod:`.budget`: the budget argument (a value or a callable of the step) and the paper's cubic
+- [`allocator`][lightning_lowrank.schedules.adalora.allocator]: [`RankAllocator`][lightning_lowrank.RankAllocator], importance scores and global soft masking;
+- [`budget`][lightning_lowrank.schedules.adalora.budget]: the budget argument (a value or a callable of the step) and the paper's cubic
   schedule;
-- :mod:`.orthogonality`: the regulariser on P and Q, as a loss and as a closed-form gradient.
+- [`orthogonality`][lightning_lowrank.schedules.adalora.orthogonality]: the regulariser on P and Q, as a loss and as a closed-form gradient.
 """
 
 from __future__ import annotations

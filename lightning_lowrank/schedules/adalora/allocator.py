@@ -13,7 +13,7 @@ and the triplet score of rank slot ``i`` of a layer is
 
 With ``b0 = init_rank * L`` and ``bT = target_rank * L`` slots over ``L`` layers and ``T`` total
 steps, the budget (total kept slots) is by default the paper's cubic schedule
-(:func:`~lightning_lowrank.schedules.adalora.budget.cubic_budget`)
+([`cubic_budget`][lightning_lowrank.schedules.adalora.budget.cubic_budget])
 
     b(t) = b0                                                        t <= t_init
     b(t) = int(bT + (b0 - bT) * (1 - (t - t_init) / (T - t_final - t_init))^3)
@@ -21,7 +21,7 @@ steps, the budget (total kept slots) is by default the paper's cubic schedule
     b(t) = bT                                                        t > T - t_final
 
 and any other ``b(t)`` can be passed as ``RankAllocator(budget=...)`` (a number or a callable of
-the step, resolved at every optimizer step; see :mod:`lightning_lowrank.schedules.adalora.budget`).
+the step, resolved at every optimizer step; see [`lightning_lowrank.schedules.adalora.budget`][lightning_lowrank.schedules.adalora.budget]).
 
 The phases come from the config whatever the budget: no masking while ``t <= t_init``; while
 ``t_init < t <= T - t_final``, every ``delta_t`` steps the ``b(t)`` slots with the highest triplet
@@ -44,6 +44,7 @@ smallest, which can keep fewer than ``b`` slots when scores tie; here exactly ``
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -59,6 +60,7 @@ from lightning_lowrank.schedules.adalora.budget import (
 )
 from lightning_lowrank.schedules.adalora.orthogonality import adalora_layers, add_orthogonality_grad
 from lightning_lowrank.schedules.base import Schedule
+from lightning_lowrank.shard import full_tensor, shard_like
 
 
 def _layers_config(layers: dict[str, AdaLoRALayer]) -> AdaLoRA:
@@ -87,20 +89,20 @@ class RankAllocator(Schedule):
     """AdaLoRA's importance scores, budget schedule and global soft masking. See the module
     docstring.
 
-    ``LowRankCallback`` adds one automatically when its method is :class:`AdaLoRA` and none is in
+    ``LowRankCallback`` adds one automatically when its method is [`AdaLoRA`][lightning_lowrank.AdaLoRA] and none is in
     its ``schedules``; pass your own to change the budget, e.g.
     ``LowRankCallback(AdaLoRA(...), schedules=[RankAllocator(budget=my_budget)])``. Without a
-    Trainer call :meth:`setup` once, then per optimizer step :meth:`before_optimizer_step` (after
-    ``backward``) and :meth:`after_optimizer_step` (after ``optimizer.step()``, before
+    Trainer call ``setup`` once, then per optimizer step ``before_optimizer_step`` (after
+    ``backward``) and ``after_optimizer_step`` (after ``optimizer.step()``, before
     ``zero_grad``).
 
     Args:
         config: the AdaLoRA config (schedule knobs, ``orth_reg`` and optionally ``total_steps``);
-            ``None`` takes the config the layers were built with, at :meth:`setup`.
+            ``None`` takes the config the layers were built with, at ``setup``.
         budget: the kept rank slots ``b(t)`` over all layers: ``None`` for the paper's cubic
             schedule, a number of slots (``int``), a fraction of the initial slots (``float`` in
             ``[0, 1]``), or a callable of the optimizer step returning either, resolved at every
-            optimizer step (see :mod:`lightning_lowrank.schedules.adalora.budget`).
+            optimizer step (see [`lightning_lowrank.schedules.adalora.budget`][lightning_lowrank.schedules.adalora.budget]).
 
     Raises:
         TypeError: ``budget`` is not ``None``, a number or a callable.
@@ -118,6 +120,7 @@ class RankAllocator(Schedule):
         self.step = 0
         self.num_updates = 0
         self.fixed = False
+        self.skipped_updates = 0
         self.ipt: list[Tensor] = []
         self.unc: list[Tensor] = []
         self.history_steps: list[int] = []
@@ -161,10 +164,18 @@ class RankAllocator(Schedule):
             raise RuntimeError("the rank allocator is not set up: call setup(model, layers, T)")
         return self.config
 
+    def check_run_length(self, total_steps: int | None, steps_per_epoch: int | None) -> None:
+        if self.total_steps is None and total_steps is not None:
+            # set up before the length was known (trainer.validate before fit): take it now
+            _check_fits(self._cfg(), total_steps)
+            self.total_steps = total_steps
+        self._total()  # raises the message that names the fix while the length is unknown
+
     def _total(self) -> int:
         if self.total_steps is None:
             raise ValueError(
-                "AdaLoRA needs the run's total optimizer steps: set Trainer(max_steps=...), "
+                "AdaLoRA needs the run's total optimizer steps, and this run's length is unknown "
+                "(an IterableDataset without max_steps?): set Trainer(max_steps=...), "
                 "LowRankCallback(total_steps=...) or AdaLoRA(total_steps=...)"
             )
         return self.total_steps
@@ -183,7 +194,7 @@ class RankAllocator(Schedule):
 
     # --- the algorithm ----------------------------------------------------------------------
     def budget(self, step: int) -> tuple[int, bool]:
-        """``(b(t), whether to mask at step t)``; see the module docstring.
+        """``(b(t), whether to mask at step t)``; see [the allocator's description][lightning_lowrank.schedules.adalora.allocator].
 
         ``b(t)`` is the ``budget`` argument resolved at ``step`` (the cubic schedule by default);
         whether to mask follows the config's phases: never while ``t <= t_init``, every
@@ -236,7 +247,7 @@ class RankAllocator(Schedule):
                 # the optimizer moved the masked lambdas: put the fixed pattern back
                 torch._foreach_mul_(
                     [layers[n].lora_E.data for n in self.names],
-                    [layers[n].rank_mask for n in self.names],
+                    [shard_like(layers[n].rank_mask, layers[n].lora_E) for n in self.names],
                 )
             return
         self.mask_to_budget(layers, budget)
@@ -252,12 +263,26 @@ class RankAllocator(Schedule):
         """``I = |w * g|``, then the sensitivity and uncertainty EMAs, for every element at once
         (``torch._foreach_*``: a few fused kernels for all layers instead of a loop of small ones).
         """
-        params = self._tensors(layers)
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        # sharded (FSDP2) factors and gradients are gathered: the scores, and so the masks, are
+        # global and the same on every rank
+        params = [full_tensor(p.detach()) for p in self._tensors(layers)]
+        grads = [
+            full_tensor(p.grad) if p.grad is not None else torch.zeros_like(q)
+            for p, q in zip(self._tensors(layers), params, strict=True)
+        ]
+        if not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            # a NaN/inf gradient (a step GradScaler skipped under fp16, or a NaN loss) would stay
+            # in the averages forever and make every score NaN: this step's update is skipped
+            self.skipped_updates += 1
+            warnings.warn(
+                f"AdaLoRA: non-finite gradients at optimizer step {self.step} (a step skipped "
+                "by fp16 loss scaling, or a NaN loss): the importance update is skipped "
+                f"({self.skipped_updates} so far)",
+                stacklevel=2,
+            )
+            return
         self._ensure_state(params)
-        ipt: tuple[Tensor, ...] | list[Tensor] = torch._foreach_mul(
-            [p.detach() for p in params], grads
-        )
+        ipt: tuple[Tensor, ...] | list[Tensor] = torch._foreach_mul(params, grads)
         torch._foreach_abs_(ipt)
         if ipt[0].dtype != self.ipt[0].dtype:
             ipt = [t.to(self.ipt[0].dtype) for t in ipt]
@@ -302,7 +327,7 @@ class RankAllocator(Schedule):
         for name, mask in zip(self.names, keep.split(ranks), strict=True):
             layer = layers[name]
             layer.rank_mask.copy_(mask)
-            layer.lora_E.mul_(layer.rank_mask)
+            layer.lora_E.mul_(shard_like(layer.rank_mask, layer.lora_E))
 
     def _record(self, step: int) -> None:
         self.history_steps.append(step)

@@ -3,7 +3,7 @@
 ``RankAllocator(budget=...)`` takes, like Lightning's ``ModelPruning(amount=...)``, either a value
 or a callable of the step, resolved at every optimizer step (and used where the allocator masks):
 
-- ``None`` (the default): the paper's cubic schedule, :func:`cubic_budget`, from ``b0 = init_rank *
+- ``None`` (the default): the paper's cubic schedule, [`cubic_budget`][lightning_lowrank.schedules.adalora.budget.cubic_budget], from ``b0 = init_rank *
   L`` to ``bT = target_rank * L`` over ``L`` layers;
 - an ``int``: that many kept slots over all layers;
 - a ``float`` in ``[0, 1]``: that fraction of ``b0``, rounded down (``int(f * b0)``);

@@ -16,13 +16,14 @@ from torch import Tensor
 
 from lightning_lowrank.methods.adalora import AdaLoRALayer
 from lightning_lowrank.methods.base import AdapterLayer
+from lightning_lowrank.shard import full_tensor, shard_like
 
 
 def adalora_layers(layers: dict[str, AdapterLayer]) -> dict[str, AdaLoRALayer]:
     """The same mapping, checked to hold only AdaLoRA layers.
 
     Raises:
-        TypeError: a layer is not an :class:`AdaLoRALayer`, naming up to three of them.
+        TypeError: a layer is not an ``AdaLoRALayer``, naming up to three of them.
     """
     wrong = [n for n, layer in layers.items() if not isinstance(layer, AdaLoRALayer)]
     if wrong:
@@ -44,7 +45,7 @@ def orthogonality_loss(layers: dict[str, AdapterLayer], gamma: float) -> Tensor:
     """``gamma * mean over matrices of ||Q Q^T - I||_F and ||P^T P - I||_F``, differentiable.
 
     For plain training loops; inside a Trainer the allocator adds the gradient of this term itself
-    (:func:`add_orthogonality_grad`), so do not add it to the loss there as well.
+    (``add_orthogonality_grad``), so do not add it to the loss there as well.
     """
     mats = _factors(adalora_layers(layers))
     if not mats:
@@ -59,7 +60,7 @@ def orthogonality_loss(layers: dict[str, AdapterLayer], gamma: float) -> Tensor:
 
 @torch.no_grad()
 def add_orthogonality_grad(layers: dict[str, AdapterLayer], gamma: float) -> None:
-    """Add the gradient of :func:`orthogonality_loss` to the ``.grad`` of every P and Q.
+    """Add the gradient of ``orthogonality_loss`` to the ``.grad`` of every P and Q.
 
     For ``G = Q Q^T - I`` the gradient of ``||G||_F`` with respect to ``Q`` is ``2 G Q / ||G||_F``
     (``2 P G / ||G||_F`` with ``G = P^T P - I`` for P); each is scaled by ``gamma / n``, ``n`` the
@@ -75,7 +76,8 @@ def add_orthogonality_grad(layers: dict[str, AdapterLayer], gamma: float) -> Non
         if m.requires_grad:
             groups.setdefault((tuple(m.shape), rows, m.dtype, m.device), []).append(m)
     for (_, rows, _, _), members in groups.items():
-        stacked = torch.stack([m.detach() for m in members])
+        # sharded factors (FSDP2) are gathered: the Gram matrices need every rank slot
+        stacked = torch.stack([full_tensor(m.detach()) for m in members])
         # P (out, r) is handled as P^T (r, out): then both are "rows" of shape (k, r, d)
         x = stacked if rows else stacked.transpose(1, 2)
         gram = torch.bmm(x, x.transpose(1, 2))
@@ -87,6 +89,7 @@ def add_orthogonality_grad(layers: dict[str, AdapterLayer], gamma: float) -> Non
             grad = grad.transpose(1, 2)  # (G P^T)^T = P G, G being symmetric
         existing, additions = [], []
         for m, g in zip(members, grad.unbind(0), strict=True):
+            g = shard_like(g.contiguous(), m)  # this rank's part of a sharded factor's gradient
             if m.grad is None:
                 m.grad = g.clone(memory_format=torch.contiguous_format)
             else:

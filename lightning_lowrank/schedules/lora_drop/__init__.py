@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
-from lightning_lowrank.methods.base import AdapterLayer
+from lightning_lowrank.methods.base import AdapterLayer, check_int, check_number
 from lightning_lowrank.schedules.base import Schedule
 from lightning_lowrank.schedules.lora_drop.report import (
     normalised,
@@ -88,7 +88,7 @@ class LoRADrop(Schedule):
             the sampling phase, or ``"fresh"`` (the method's own initialisation, seeded by ``seed``).
         seed: seed of the ``"fresh"`` initialisation (identical on every rank).
         log_table: hand the selection table to the callback (which logs it on rank zero) at the
-            switch; :meth:`report` gives it at any time.
+            switch; ``report`` gives it at any time.
     """
 
     def __init__(
@@ -101,12 +101,15 @@ class LoRADrop(Schedule):
         seed: int = 0,
         log_table: bool = True,
     ) -> None:
+        threshold = check_number("threshold", threshold)
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-        if sample_steps is not None and sample_steps < 1:
-            raise ValueError(
-                f"sample_steps must be >= 1 (or None to use sample_fraction), got {sample_steps}"
+        if sample_steps is not None:
+            sample_steps = check_int(
+                "sample_steps (or None to use sample_fraction)", sample_steps, 1
             )
+        seed = check_int("seed", seed, minimum=0)
+        sample_fraction = check_number("sample_fraction", sample_fraction)
         if not 0.0 < sample_fraction <= 1.0:
             raise ValueError(f"sample_fraction must be in (0, 1], got {sample_fraction}")
         if mode not in ("share", "drop"):
@@ -151,6 +154,14 @@ class LoRADrop(Schedule):
             self._meter.attach(layers)
         else:  # state was loaded before setup
             self._apply(initialise=False)
+
+    def check_run_length(self, total_steps: int | None, steps_per_epoch: int | None) -> None:
+        if self.switch_step is None and steps_per_epoch is None:
+            raise ValueError(
+                "LoRADrop(sample_fraction=...) needs the number of optimizer steps per epoch, "
+                "which this run does not know (an IterableDataset without a length?): pass "
+                "LoRADrop(sample_steps=...) instead"
+            )
 
     def train_start(
         self,
@@ -225,6 +236,9 @@ class LoRADrop(Schedule):
                 initialise_shared(self._layers, group, self.shared_init, self.seed)
         apply_groups(self._layers, self.groups, self.mode)
 
+    def shares_adapters(self) -> bool:
+        return self.mode == "share"
+
     # --- helpers ------------------------------------------------------------------------------
     def _unselected(self) -> list[str]:
         return [n for group in self.groups for n in group]
@@ -261,7 +275,7 @@ class LoRADrop(Schedule):
         return report_table(self.importance, role, header)
 
     def plot(self, ax: Any = None) -> Any:
-        """Bar chart of the normalised importance per layer with the cut-off; see :func:`plot_importance`."""
+        """Bar chart of the normalised importance per layer with the cut-off; see ``plot_importance``."""
         return plot_importance(self.normalised_importance(), self.selected, self.threshold, ax=ax)
 
     # --- checkpoints --------------------------------------------------------------------------
@@ -283,6 +297,7 @@ class LoRADrop(Schedule):
             raise ValueError(
                 f"checkpoint was written by LoRADrop(mode={state['mode']!r}); resume with the same mode"
             )
+        old_phase, old_groups = self.phase, [list(g) for g in self.groups]
         self.switch_step = state["switch_step"]
         self.importance = dict(state["importance"])
         self.calls = dict(state["calls"])
@@ -290,11 +305,20 @@ class LoRADrop(Schedule):
         self.groups = [list(g) for g in state["groups"]]
         self.parameters_before = state["parameters_before"]
         self.parameters_after = state["parameters_after"]
-        was_sampling = self.phase == "sampling"
         self.phase = state["phase"]
         self._meter.clear()  # partial sums of an abandoned step
-        if self._layers and self.phase == "switched" and was_sampling:
+        if not self._layers:
+            return  # not set up yet: setup puts the loaded structure in place
+        # any transition, also back to before the switch (an in-process retry from an earlier
+        # checkpoint): undo the structure in place, then put the loaded one in place
+        if old_phase == "switched":
+            for name in (n for group in old_groups for n in group):
+                self._layers[name].share_adapter(None)
+                self._layers[name].disabled = False
+        if self.phase == "switched":
             self._apply(initialise=False)
+        elif old_phase == "switched":
+            self._meter.attach(self._layers)
 
 
 def _rank_zero() -> bool:

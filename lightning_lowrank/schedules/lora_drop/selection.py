@@ -4,7 +4,7 @@ kept at a cumulative threshold, and the shape groups the others share in.
 ``g_i = sum over training inputs x of ||dW_i x||^2``, where ``dW_i x`` is read by two forward hooks
 as ``layer(x) - base(x)`` (for LoRA exactly the adapter's output; for DoRA, whose forward rescales
 the whole output, the full change ``W' x - W0 x``). The hooks' partial sums live in the
-:class:`ImportanceMeter`, never on the layers.
+``ImportanceMeter``, never on the layers.
 """
 
 from __future__ import annotations
@@ -66,8 +66,8 @@ def shape_groups(layers: Mapping[str, AdapterLayer], names: Sequence[str]) -> li
 class ImportanceMeter:
     """Accumulates ``||layer(x) - base(x)||^2`` of every training forward, per layer, in float64.
 
-    :meth:`attach` installs the hooks, :meth:`flush` adds what was measured since the last call
-    to ``importance`` and ``calls`` (summed over DDP ranks), :meth:`detach` removes the hooks."""
+    ``attach`` installs the hooks, ``flush`` adds what was measured since the last call
+    to ``importance`` and ``calls`` (summed over DDP ranks), ``detach`` removes the hooks."""
 
     def __init__(self) -> None:
         self.pending: dict[str, Tensor] = {}

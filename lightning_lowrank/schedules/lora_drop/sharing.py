@@ -3,14 +3,14 @@
 Nothing is created, removed or (un)frozen: the model may already be wrapped by DDP.
 
 - *share*: in each shape group the first layer (model order) is the host; every other member is
-  tied to it (:meth:`AdapterLayer.share_adapter`): it computes with the host's ``Parameter``
+  tied to it ([`AdapterLayer.share_adapter`][lightning_lowrank.AdapterLayer.share_adapter]): it computes with the host's ``Parameter``
   objects, read at every use, so autograd sums the gradients of all uses into the host (one
   accumulation per backward, hence one DDP all-reduce) and a device, dtype or FSDP2 move keeps
   the sharing. The members' own parameters stay registered and idle.
 - *drop*: the unselected layers are disabled (``layer.disabled = True``): base output, zero
   delta, nothing merged.
 - Idle parameters get an exact zero gradient from the forward (``methods/state.py``: DDP's
-  reducer sees every parameter it was built with); :func:`clear_idle_gradients` sets them to
+  reducer sees every parameter it was built with); ``clear_idle_gradients`` sets them to
   ``None`` before each optimizer step so the optimizer (and weight decay) leaves them alone.
 - The optimizer state of every unselected layer's parameters is cleared at the switch: the
   shared tensor starts with fresh moments.
@@ -25,7 +25,9 @@ import torch
 from torch.optim import Optimizer
 
 from lightning_lowrank.methods.base import AdapterLayer
+from lightning_lowrank.methods.layers import fill_
 from lightning_lowrank.methods.state import check_tie
+from lightning_lowrank.shard import full_tensor
 from lightning_lowrank.sharing import adapter_parameters
 
 Mode = Literal["share", "drop"]
@@ -79,8 +81,9 @@ def initialise_shared(
     host_params = adapter_parameters(host)
     if how == "mean":
         for pname, hp in host_params.items():
-            stack = [adapter_parameters(layers[m])[pname].double() for m in group]
-            hp.copy_(torch.stack(stack).mean(dim=0).to(hp.dtype))
+            # full tensors (gathered under FSDP2): the mean of the whole adapters
+            stack = [full_tensor(adapter_parameters(layers[m])[pname]).double() for m in group]
+            fill_(hp, torch.stack(stack).mean(dim=0).to(hp.dtype))
         return
     device = next(iter(host_params.values())).device
     devices = (
@@ -92,7 +95,7 @@ def initialise_shared(
         torch.manual_seed(seed)
         fresh = host.config.build({group[0]: host.base})[group[0]]
     for pname, fp in adapter_parameters(fresh).items():
-        host_params[pname].copy_(fp.to(host_params[pname].dtype))
+        fill_(host_params[pname], fp.to(host_params[pname].dtype))
 
 
 def clear_idle_gradients(layers: Mapping[str, AdapterLayer], names: Sequence[str]) -> None:
