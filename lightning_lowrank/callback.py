@@ -17,7 +17,8 @@ The callback is a thin Lightning layer over ``inject``, ``optim`` and ``schedule
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import lightning.pytorch as pl
@@ -39,7 +40,7 @@ from lightning_lowrank.methods.base import AdapterConfig, AdapterLayer, check_in
 from lightning_lowrank.optim import split_optimizer
 from lightning_lowrank.quant.model import quantized_state_keys
 from lightning_lowrank.quant.spec import QuantizeSpec, check_schedules_over, resolve
-from lightning_lowrank.resume import base_fingerprint, check_resume
+from lightning_lowrank.resume import base_fingerprint, check_resume, loaded_callback_state
 from lightning_lowrank.schedules import Schedule, default_schedules
 from lightning_lowrank.shard import ParallelizeFn, check_shardable, shard_model
 from lightning_lowrank.shard import check_strategy as check_sharding
@@ -136,6 +137,7 @@ class LowRankCallback(Callback):
         self._total: int | None = None
         self._offset = 0  # optimizer steps of earlier fits in other Trainers (docs: reuse)
         self._fingerprint: list[list[float]] = []
+        self._trainer: Callable[[], pl.Trainer | None] = lambda: None
         self._init_from_base = False
         self._restore_hook: Any = None
         self._sharded = False
@@ -184,6 +186,7 @@ class LowRankCallback(Callback):
         self._fingerprint = [] if self._init_from_base else base_fingerprint(self.layers)
         # Lightning loads a resumed checkpoint's tensors before on_load_checkpoint: a rank that
         # differs gets this library's message there, not torch's size mismatch
+        self._trainer = weakref.ref(trainer)
         pl_module.register_load_state_dict_pre_hook(self._check_loaded_shapes)
         if self.save_adapter_only:
             pl_module.strict_loading = False
@@ -301,10 +304,9 @@ class LowRankCallback(Callback):
             if p.requires_grad:
                 continue
             owner = _owning_layer(name, self.layers)
-            if owner is not None and not name.startswith(owner + ".base."):
-                continue  # a frozen adapter tensor (LoRA-FA's A) is part of the adapter
-            if owner is not None and keep_base:
-                continue  # a schedule changes this base weight (Delta-LoRA)
+            # frozen adapter tensors (LoRA-FA's A) stay; so do bases a schedule changes (Delta-LoRA)
+            if owner is not None and (keep_base or not name.startswith(owner + ".base.")):
+                continue
             drop.add(name)
         return drop | quantized_state_keys(pl_module)  # the 4-bit storage's own entries
 
@@ -314,27 +316,26 @@ class LowRankCallback(Callback):
     ) -> None:
         if not self.save_adapter_only:
             return
-        drop = self._droppable_keys(pl_module)
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k in drop]:
-            del state[key]
+        _drop_keys(checkpoint["state_dict"], self._droppable_keys(pl_module), prefix="")
 
     def _check_loaded_shapes(
-        self, module: Any, state_dict: dict[str, Any], prefix: str, *_: Any
+        self, module: Any, state: dict[str, Any], prefix: str, *_: Any
     ) -> None:
         if not prefix:  # the whole module's load (resume, or a user's load_state_dict)
-            check_resume(None, self.method, self.layers, self._fingerprint, state_dict)
+            saved = loaded_callback_state(self._trainer, self.state_key, self._legacy_state_key)
+            check_resume(saved, self.method, self.layers, self._fingerprint, state)
 
     @override
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        # before Lightning loads anything into the model: a mismatch changes nothing (under
-        # ModelParallelStrategy the strategy has loaded and removed the state dict already)
+        # the load pre-hook checked a resumed checkpoint before anything was copied; this covers
+        # other loads (ModelParallelStrategy has loaded and removed the state dict already)
         state = checkpoint.get("callbacks", {})
         mine = state.get(self.state_key, state.get(self._legacy_state_key))
-        model_state = checkpoint.get("state_dict", {})
-        check_resume(mine, self.method, self.layers, self._fingerprint, model_state)
+        check_resume(
+            mine, self.method, self.layers, self._fingerprint, checkpoint.get("state_dict", {})
+        )
         if not self.save_adapter_only or "state_dict" not in checkpoint:
             return
         stored = set(checkpoint["state_dict"])

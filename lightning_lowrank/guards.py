@@ -49,7 +49,8 @@ def check_ownership(me: Any, module: Any) -> None:
 
 
 def check_single_callback(trainer: Any, me: Any) -> None:
-    others = [cb for cb in trainer.callbacks if isinstance(cb, type(me)) and cb is not me]
+    callbacks = getattr(trainer, "callbacks", ())  # a stand-in trainer may have none
+    others = [cb for cb in callbacks if isinstance(cb, type(me)) and cb is not me]
     if others:
         raise ValueError(
             f"the Trainer has {len(others) + 1} LowRankCallbacks: one callback adapts the model. "

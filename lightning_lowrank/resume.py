@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -99,6 +100,24 @@ def check_resume(
                     f"{tuple(value.shape)}: it was trained with another rank or method config; "
                     "resume with that config"
                 )
+
+
+def loaded_callback_state(
+    trainer_ref: Callable[[], Any], *keys: str | type
+) -> dict[str, Any] | None:
+    """The callback state stored under the first of ``keys`` in the checkpoint the Trainer is
+    resuming from, or None.
+
+    Lightning copies a checkpoint's tensors into the module before it calls the callbacks'
+    ``on_load_checkpoint``: reading the state here, from the checkpoint the Trainer has loaded
+    (``trainer_ref`` is a weak reference to it), lets the load pre-hook refuse a mismatched config
+    or base before anything is copied."""
+    connector = getattr(trainer_ref(), "_checkpoint_connector", None)
+    state = (getattr(connector, "_loaded_checkpoint", None) or {}).get("callbacks", {})
+    for key in keys:
+        if key in state:
+            return state[key]
+    return None
 
 
 def load_adapter_checkpoint(module: nn.Module, path: str | os.PathLike) -> list[str]:

@@ -158,8 +158,7 @@ def shard_model(
     parallelize: ParallelizeFn | None = None,
     adapter_group: bool = False,
 ) -> None:
-    """``fully_shard`` every block, then every root (see the docstring of
-    ``lightning_lowrank.shard``).
+    """``fully_shard`` every block, then every root (the rule at the top of this module).
 
     Args:
         pl_module: the adapted model; its adapters must already be injected.

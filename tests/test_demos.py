@@ -170,10 +170,69 @@ def test_text_classifier_trains_and_logs_metrics():
         num_sanity_val_steps=0,
     )
     trainer.fit(module, loader, loader)
-    assert {"train_loss", "val_loss", "val_acc"} <= set(trainer.callback_metrics)
+    assert {"train_loss", "val_loss", "val_acc", "val_f1"} <= set(trainer.callback_metrics)
     results = trainer.test(module, loader, verbose=False)
     assert 0.0 <= results[0]["test_acc"] <= 1.0
     assert results[0]["test_acc"] == pytest.approx(module.evaluate(loader))
+    assert results[0]["test_f1"] == pytest.approx(module.evaluate_metrics(loader)["f1"])
+
+
+class _FirstTokenClassifier(torch.nn.Module):
+    """Predicts class ``input_ids[:, 0] % classes``: predictions chosen by the test data."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.classes = classes
+        self.unused = torch.nn.Parameter(torch.zeros(1))  # evaluate() reads the device from it
+
+    def forward(self, input_ids, attention_mask=None):
+        return torch.nn.functional.one_hot(input_ids[:, 0] % self.classes, self.classes).float()
+
+
+def _hand_metrics(pred: list[int], labels: list[int], classes: int) -> tuple[float, float]:
+    """Accuracy and macro-F1 counted by hand (classes absent from both lists left out)."""
+    acc = sum(p == y for p, y in zip(pred, labels, strict=True)) / len(labels)
+    f1s = []
+    for c in range(classes):
+        tp = sum(p == c and y == c for p, y in zip(pred, labels, strict=True))
+        fp = sum(p == c and y != c for p, y in zip(pred, labels, strict=True))
+        fn = sum(p != c and y == c for p, y in zip(pred, labels, strict=True))
+        if tp + fp + fn:
+            f1s.append(2 * tp / (2 * tp + fp + fn))
+    return acc, sum(f1s) / len(f1s)
+
+
+def test_logged_accuracy_and_macro_f1_equal_a_hand_count_over_uneven_batches():
+    # 4 classes; class 3 never occurs (labels or predictions); batches of 5, 5 and 2
+    labels = [0, 0, 0, 0, 1, 1, 2, 0, 1, 2, 2, 0]
+    pred = [0, 0, 1, 2, 1, 0, 2, 0, 2, 2, 1, 1]
+    ids = torch.tensor(pred).unsqueeze(1).repeat(1, 4)
+    ds = TokenizedDataset(ids, torch.ones_like(ids), torch.tensor(labels))
+    loader = DataLoader(ds, batch_size=5)
+    module = TextClassifier(_FirstTokenClassifier(4), num_classes=4)
+    trainer = pl.Trainer(
+        logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu"
+    )
+    logged = trainer.test(module, loader, verbose=False)[0]
+    acc, f1 = _hand_metrics(pred, labels, classes=4)
+    assert acc == pytest.approx(6 / 12) and f1 == pytest.approx((6 / 10 + 2 / 7 + 4 / 7) / 3)
+    assert logged["test_acc"] == pytest.approx(acc, abs=1e-6)
+    assert logged["test_f1"] == pytest.approx(f1, abs=1e-6)
+    # the run's value, not the mean of per-batch values (which differs on these batches)
+    per_batch = [_hand_metrics(pred[i : i + 5], labels[i : i + 5], 4)[1] for i in (0, 5, 10)]
+    assert abs(sum(per_batch) / 3 - f1) > 0.05
+    assert module.evaluate_metrics(loader) == pytest.approx({"acc": acc, "f1": f1}, abs=1e-6)
+    assert trainer.validate(module, loader, verbose=False)[0]["val_f1"] == pytest.approx(
+        f1, abs=1e-6
+    )
+
+
+def test_text_classifier_needs_a_class_count():
+    with pytest.raises(ValueError, match="num_classes"):
+        TextClassifier(_FirstTokenClassifier(3))
+    with pytest.raises(ValueError, match="at least 2"):
+        TextClassifier(_FirstTokenClassifier(3), num_classes=1)
+    assert TextClassifier(tiny_bert(num_labels=3)).num_classes == 3
 
 
 def test_minilm_classifier_is_pretrained_with_a_seeded_head():
@@ -230,7 +289,7 @@ def test_metrics_history_records_steps_and_validation():
     trainer.fit(module, loader, loader)
     assert [s for s, _ in history.train] == [1, 2, 3, 4, 5, 6]
     assert [s for s, _ in history.val] == [3, 6]  # the sanity check is not recorded
-    assert set(history.val[0][1]) == {"val_loss", "val_acc"}
+    assert set(history.val[0][1]) == {"val_loss", "val_acc", "val_f1"}
     losses = [m["val_loss"] for _, m in history.val]
     assert (
         history.first_step_below("val_loss", min(losses))
@@ -261,3 +320,19 @@ def test_smollm2_loads_as_a_tied_llama(tmp_path, monkeypatch):
     with torch.no_grad():
         logits = model(**ids).logits
     assert logits.shape[-1] == model.config.vocab_size and torch.isfinite(logits).all()
+
+
+@pytest.mark.slow
+def test_demo_prints_accuracy_and_macro_f1_and_saves_the_adapter(tmp_path, capsys):
+    from lightning_lowrank.demos.finetune import main
+
+    result = main(
+        ["--max-steps=2", "--limit-train=20", "--limit-eval=20", "--max-length=16"]
+        + ["--batch-size=4", f"--output={tmp_path}"]
+    )
+    out = capsys.readouterr().out
+    assert re.search(r"test accuracy before fine-tuning: [\d.]+%, macro-F1 [\d.]+", out)
+    assert re.search(r"test accuracy after fine-tuning: [\d.]+%, macro-F1 [\d.]+", out)
+    assert 0 <= result["f1_after"] <= 1 and 0 <= result["acc_after"] <= 1
+    assert (tmp_path / "adapter.safetensors").is_file()
+    assert (tmp_path / "classifier.safetensors").is_file()

@@ -427,3 +427,33 @@ def test_in_process_retry_before_the_lora_drop_switch_matches_an_uninterrupted_r
     got = adapter_state_dict(module)
     for key, value in expected.items():
         torch.testing.assert_close(got[key], value, rtol=0, atol=0)
+
+
+def test_a_refused_resume_leaves_the_module_as_it_was(tmp_path):
+    # Lightning copies a checkpoint's tensors before calling on_load_checkpoint: the callback's
+    # load pre-hook must refuse a changed config before anything is copied
+    ckpt = _checkpoint(tmp_path)
+    module = Regress()
+    cb = LowRankCallback(LoRA(rank=2, alpha=8), target_modules=["body.0", "body.2"])
+    before: dict[str, torch.Tensor] = {}
+
+    class Snapshot(L.Callback):
+        def setup(self, trainer, pl_module, stage):  # after the adapters, before any restore
+            before.update({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
+
+    trainer = L.Trainer(
+        max_steps=4,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[cb, Snapshot()],
+        default_root_dir=tmp_path,
+    )
+    with pytest.raises(ValueError, match="alpha"):
+        trainer.fit(module, ckpt_path=ckpt)
+    after = module.state_dict()
+    assert before and set(after) == set(before)
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key

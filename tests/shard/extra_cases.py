@@ -114,6 +114,7 @@ def meta_init(out: Path, rank: int | None) -> dict[str, Any]:
     import lightning as L
 
     from lightning_lowrank import DoRA, LoRA, SLTrain, VeRA, adapter_state_dict
+    from lightning_lowrank.names import file_names
     from lightning_lowrank.shard import gathered
 
     class Snapshot(L.Callback):
@@ -147,7 +148,14 @@ def meta_init(out: Path, rank: int | None) -> dict[str, Any]:
             n: {k: v.detach().clone() for k, v in layer.named_buffers() if "base" not in k}
             for n, layer in cb.layers.items()
         }
-        results[name] = {"state": snap.state, "adapter": snap.adapter, "buffers": buffers}
+        # SLTrain seeds a layer's support by its name in adapter files (relative to the model root)
+        seeded = file_names(module, list(cb.layers))
+        results[name] = {
+            "state": snap.state,
+            "adapter": snap.adapter,
+            "buffers": buffers,
+            "seeded": seeded,
+        }
     return results
 
 
