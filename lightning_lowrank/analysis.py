@@ -32,7 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_lowrank.inject import adapter_layers
-from lightning_lowrank.methods.base import AdapterLayer, weight_oi
+from lightning_lowrank.methods.base import AdapterLayer
+from lightning_lowrank.methods.layers import dense_weight_oi
 
 
 @dataclass
@@ -153,7 +154,7 @@ def effective_rank(matrix: Tensor, eps: float = 1e-12) -> float:
 def adapted_weights(layer: AdapterLayer) -> tuple[Tensor, Tensor]:
     """``(W0, W)`` of one adapter layer in ``(out, in)`` orientation, merged or not."""
     with torch.no_grad():
-        base = weight_oi(layer.base).detach()
+        base = dense_weight_oi(layer.base).detach()  # dequantized if quantized
         delta = layer.delta_weight().detach().to(base.dtype)
         if layer.merged:  # the base weight already holds W0 + delta
             return base - delta, base.clone()

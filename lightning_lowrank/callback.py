@@ -38,6 +38,8 @@ from lightning_lowrank.inject import (
 )
 from lightning_lowrank.methods.base import AdapterConfig, AdapterLayer, check_int, check_number
 from lightning_lowrank.optim import split_optimizer
+from lightning_lowrank.quant.model import quantized_state_keys
+from lightning_lowrank.quant.spec import QuantizeSpec, check_schedules_over, resolve
 from lightning_lowrank.resume import base_fingerprint, check_resume, loaded_callback_state
 from lightning_lowrank.schedules import Schedule, default_schedules
 from lightning_lowrank.shard import ParallelizeFn, check_shardable, shard_model
@@ -73,6 +75,8 @@ class LowRankCallback(Callback):
             base model); resume then loads non-strictly for exactly those keys.
         total_steps: total optimizer steps for schedules that need it; by default the Trainer's
             ``estimated_stepping_batches``.
+        quantize_base: ``"nf4"`` (or ``quant.NF4``) stores the adapted layers' frozen weights in
+            4-bit NF4 at setup, before any strategy wraps the model (see ``inject``).
         shard_blocks: under ``ModelParallelStrategy``: the classes (or class names) of the blocks
             that get one FSDP2 group each; default: a transformers model's ``_no_split_modules``,
             else the entries of the longest ``nn.ModuleList`` (``shard.block_modules``).
@@ -92,6 +96,7 @@ class LowRankCallback(Callback):
         schedules: Sequence[Schedule] = (),
         save_adapter_only: bool = True,
         total_steps: int | None = None,
+        quantize_base: QuantizeSpec = None,
         shard_blocks: Sequence[type | str] | None = None,
         parallelize: ParallelizeFn | None = None,
     ) -> None:
@@ -123,6 +128,7 @@ class LowRankCallback(Callback):
         self.schedules: list[Schedule] = everything
         self.save_adapter_only = save_adapter_only
         self.total_steps = total_steps
+        self.quantize_base = check_schedules_over(resolve(quantize_base), self.schedules)
         self.shard_blocks = shard_blocks
         self.parallelize = parallelize
         self.layers: dict[str, AdapterLayer] = {}
@@ -169,6 +175,7 @@ class LowRankCallback(Callback):
             target_modules=self.target_modules,
             exclude_modules=self.exclude_modules,
             train_modules=self.train_modules,
+            quantize_base=self.quantize_base,
         )
         self._module = pl_module
         self.layers = {n: cast(AdapterLayer, pl_module.get_submodule(n)) for n in names}
@@ -297,12 +304,11 @@ class LowRankCallback(Callback):
             if p.requires_grad:
                 continue
             owner = _owning_layer(name, self.layers)
-            if owner is not None and not name.startswith(owner + ".base."):
-                continue  # a frozen adapter tensor (LoRA-FA's A) is part of the adapter
-            if owner is not None and keep_base:
-                continue  # a schedule changes this base weight (Delta-LoRA)
+            # frozen adapter tensors (LoRA-FA's A) stay; so do bases a schedule changes (Delta-LoRA)
+            if owner is not None and (keep_base or not name.startswith(owner + ".base.")):
+                continue
             drop.add(name)
-        return drop
+        return drop | quantized_state_keys(pl_module)  # the 4-bit storage's own entries
 
     @override
     def on_save_checkpoint(
@@ -310,10 +316,7 @@ class LowRankCallback(Callback):
     ) -> None:
         if not self.save_adapter_only:
             return
-        drop = self._droppable_keys(pl_module)
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k in drop]:
-            del state[key]
+        _drop_keys(checkpoint["state_dict"], self._droppable_keys(pl_module), prefix="")
 
     def _check_loaded_shapes(
         self, module: Any, state: dict[str, Any], prefix: str, *_: Any
@@ -394,7 +397,4 @@ def _drop_keys(state: dict[str, Any], drop: set[str], prefix: str) -> None:
 
 
 def _owning_layer(name: str, layers: dict[str, AdapterLayer]) -> str | None:
-    for layer_name in layers:
-        if name.startswith(layer_name + "."):
-            return layer_name
-    return None
+    return next((n for n in layers if name.startswith(n + ".")), None)

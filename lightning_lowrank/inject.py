@@ -14,10 +14,14 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Sequence
 
+import torch
 from torch import nn
 
 from lightning_lowrank.methods.base import AdapterConfig, AdapterLayer, check_int, layer_kind
+from lightning_lowrank.methods.layers import is_quantized
 from lightning_lowrank.names import file_names
+from lightning_lowrank.quant import model as quant
+from lightning_lowrank.quant.spec import QuantizeSpec, resolve
 
 TargetSpec = str | Sequence[str]
 
@@ -182,6 +186,7 @@ def inject(
     exclude_modules: TargetSpec | None = None,
     train_modules: Sequence[str] | None = None,
     layer_meta: dict | None = None,
+    quantize_base: QuantizeSpec = None,
 ) -> list[str]:
     """Wrap the selected layers of ``model`` in adapters, in place, and freeze everything else.
 
@@ -193,6 +198,11 @@ def inject(
         train_modules: modules left fully trainable (e.g. a freshly initialised classifier head),
             matched like a list of ``target_modules``.
         layer_meta: per-layer keyword arguments for rebuilding layers from an adapter file.
+        quantize_base: ``"nf4"`` (or ``lightning_lowrank.quant.NF4``) stores the adapted
+            layers' frozen weights in 4-bit NF4 (bitsandbytes ``Linear4bit``) before the adapters
+            are built; ``NF4(frozen_linear=True)`` also quantizes the other frozen linear layers
+            except the output head. Layers already quantized by bitsandbytes are adapted as
+            they are, with or without this argument.
 
     Returns:
         The qualified names of the adapted modules.
@@ -203,8 +213,13 @@ def inject(
             "saved adapter with load_adapter(model, path)"
         )
     _matched_train_modules(model, train_modules)  # refuse a typo before anything changes
-    layers = build_layers(model, method, target_modules, exclude_modules, layer_meta)
+    spec = resolve(quantize_base)
+    plan = {n: spec for n in find_targets(model, target_modules, exclude_modules)} if spec else {}
+    layers = build_layers(model, method, target_modules, exclude_modules, layer_meta, plan)
     attach(model, layers, train_modules)
+    if spec is not None:
+        heads = _output_head_names(model)
+        quant.quantize_named(model, quant.frozen_linear_plan(model, spec, heads, set(layers)))
     return list(layers)
 
 
@@ -214,8 +229,11 @@ def build_layers(
     target_modules: TargetSpec,
     exclude_modules: TargetSpec | None = None,
     layer_meta: dict | None = None,
+    quantize_plan: quant.Plan | None = None,
 ) -> dict[str, AdapterLayer]:
-    """Create the adapter layers for ``model`` without attaching them (the model is unchanged)."""
+    """Create the adapter layers for ``model`` without attaching them (the model is unchanged).
+
+    The targets ``quantize_plan`` names get quantized copies of their base layers."""
     if not isinstance(method, AdapterConfig):
         raise TypeError(
             f"method must be a method config such as LoRA(rank=8), got {type(method).__name__}"
@@ -223,6 +241,9 @@ def build_layers(
     targets = find_targets(model, target_modules, exclude_modules)
     for name, base in targets.items():
         method.validate_layer(name, base)
+    quant.check_method(method, targets, quantize_plan or {})
+    if quantize_plan:
+        targets = quant.quantize_bases(targets, quantize_plan)
     # built under the names adapter files use (relative to the model's root), so what a name
     # seeds (SLTrain's supports) is the same in every wrapping of the model and after loading
     names = file_names(model, list(targets))
@@ -269,7 +290,8 @@ def merge(model: nn.Module) -> None:
     """Fold every adapter's delta into its base weight (inference runs at the base model's cost).
 
     Every layer is checked first (``check_merge``): if one would put non-finite
-    values into its base weight, a ``ValueError`` is raised and no layer is merged. A tied base
+    values into its base weight, or its base is quantized (use ``unload`` with a ``dtype``), a
+    ``ValueError`` is raised and no layer is merged. A tied base
     weight gets its own copy first (see ``attach``), and a transformers config that declares
     the tie (``tie_word_embeddings``) is updated, so ``save_pretrained`` writes both weights."""
     layers = list(_iter_layers(model))
@@ -305,18 +327,29 @@ def set_step(model: nn.Module, step: int) -> None:
         layer.set_step(step)
 
 
-def unload(model: nn.Module) -> nn.Module:
+def unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Merge every adapter and put the plain base layers back. Returns ``model``.
 
     As in ``merge``, every layer is checked before any is changed, and tied weights are
-    untied (the config too), so the unloaded model computes what the adapted one did."""
+    untied (the config too), so the unloaded model computes what the adapted one did.
+
+    A quantized base is never requantized: its layer becomes a plain ``nn.Linear`` holding
+    ``W = dequantize(W0) + dW`` (summed in float32 or wider), in ``dtype`` or, by default, the
+    base's compute dtype. With ``dtype``, the other unloaded layers are cast to it as well.
+    """
     layers = adapter_layers(model)
     for layer in layers.values():
-        layer.check_merge()
+        if not (is_quantized(layer.base) and not layer.merged):
+            layer.check_merge()
     untied = any(layer.tied_with for layer in layers.values() if not layer.merged)
     for name, layer in layers.items():
-        layer.merge()
-        _set_submodule(model, name, layer.base)
+        plain: nn.Module
+        if is_quantized(layer.base) and not layer.merged:
+            plain = quant.unloaded_linear(layer, dtype)
+        else:
+            layer.merge()
+            plain = layer.base if dtype is None else layer.base.to(dtype)
+        _set_submodule(model, name, plain)
     if untied:
         _untie_configs(model)
     return model

@@ -1,10 +1,12 @@
 """Adapter files: safetensors only (never pickle), with the method config in the metadata.
 
 A file holds each adapter layer's parameters and persistent buffers under
-``"<module name>.<tensor name>"`` and four metadata entries (JSON strings): ``method`` (the config
+``"<module name>.<tensor name>"`` and metadata entries (JSON strings): ``method`` (the config
 and its type), ``layers`` (the adapted module names and per-layer rebuild facts), ``extensions``
-(the layer extensions to rebuild, e.g. Delta-LoRA's base update; absent in older files) and
-``extra`` (state that scheduled methods attach, e.g. a selection or a base delta description).
+(the layer extensions to rebuild, e.g. Delta-LoRA's base update; absent in older files),
+``extra`` (state that scheduled methods attach, e.g. a selection or a base delta description) and
+``quantization`` (how each quantized layer of the base was stored, e.g. ``{"format": "nf4",
+"blocksize": 64, ...}``; loading into a dense model quantizes those layers the same way).
 
 Saving writes a temporary file next to the target and renames it, so a crash never leaves a
 half-written adapter. Loading validates every key and shape against the model before anything is
@@ -34,8 +36,9 @@ from lightning_lowrank.methods.base import (
     AdapterLayer,
     LayerExtension,
 )
-from lightning_lowrank.methods.layers import layer_kind, layer_shape
+from lightning_lowrank.methods.layers import is_quantized, layer_kind, layer_shape
 from lightning_lowrank.names import file_names, resolve_file_names
+from lightning_lowrank.quant import model as quant
 from lightning_lowrank.shard import needs_gather, on_rank_zero
 from lightning_lowrank.sharing import (
     check_shared,
@@ -125,6 +128,7 @@ def save_adapter(
         ),
         "extra": json.dumps(extra or {}),
         "shared": json.dumps(shared_map(layers)),
+        "quantization": json.dumps(quant.record(model)),
     }
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
@@ -245,6 +249,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
         )
     _check_sizes(model, meta, path)
     bases = {f: model.get_submodule(m) for f, m in mapping.items()}
+    # a fresh model's bases recorded as quantized are quantized the same way, if still dense
+    plan = {} if existing else quant.plan_from_record(model, meta["quantization"], str(path))
+    plan_f = {f: plan[m] for f, m in mapping.items() if m in plan}
+    quant.check_method(method, bases, plan_f)
     if existing:
         bases = {f: existing[m].base for f, m in mapping.items()}
         _check_same_build({f: existing[m] for f, m in mapping.items()}, method, meta, path)
@@ -258,9 +266,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
             if f not in meta["extensions"]:
                 layer.extension = None
     else:
-        layers = _build(method, bases, meta, path, stand_in=False)
+        layers = _build(method, quant.quantize_bases(bases, plan_f), meta, path, stand_in=False)
         attach(model, {mapping[f]: layer for f, layer in layers.items()})
         freeze_idle(layers)  # after attach, which sets what trains from param_sides
+        adapted = set(mapping.values())
+        quant.quantize_named(model, {n: s for n, s in plan.items() if n not in adapted})
     _copy_into(layers, tensors)
     return [mapping[f] for f in layers]
 
@@ -285,7 +295,10 @@ def _check_sizes(model: nn.Module, meta: dict[str, Any], path: Path) -> None:
 
 
 def _stand_in(base: nn.Module) -> nn.Module:
-    """A copy of a base layer whose tensors are ``meta`` (same shapes and dtypes, no memory)."""
+    """A copy of a base layer whose tensors are ``meta`` (same shapes and dtypes, no memory); a
+    quantized base stands in as a dense ``nn.Linear`` in its compute dtype (what adapters see)."""
+    if is_quantized(base):
+        return quant.meta_linear(base)
     copy = _copy.copy(base)
     copy._parameters = {
         k: None if v is None else nn.Parameter(torch.empty_like(v, device="meta"), v.requires_grad)

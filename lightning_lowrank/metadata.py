@@ -9,6 +9,7 @@ loader:
 - ``layers``: layer name -> object of scalar per-layer facts;
 - ``extensions``: layer name -> object with a string ``name`` and scalar facts;
 - ``shared``: layer name -> layer name;
+- ``quantization``: quantized base layer name -> object of scalar storage facts;
 - ``extra``: any JSON object (scheduled methods' state), nested at most ``MAX_DEPTH`` deep.
 """
 
@@ -94,6 +95,7 @@ def parse_metadata(raw: dict[str, str], path: Path | str) -> dict[str, Any]:
         "extra": _decode(raw, "extra", path, required=False),
         "extensions": _decode(raw, "extensions", path, required=False),
         "shared": _decode(raw, "shared", path, required=False),
+        "quantization": _decode(raw, "quantization", path, required=False),
     }
     method = meta["method"]
     if not isinstance(method.get("type"), str):
@@ -103,6 +105,7 @@ def parse_metadata(raw: dict[str, str], path: Path | str) -> dict[str, Any]:
         raise _fail(path, f"the method's fields {bad[:3]} are not scalars")
     _check_facts("layers", meta["layers"], path)
     _check_facts("extensions", meta["extensions"], path)
+    _check_facts("quantization", meta["quantization"], path)
     for name, desc in meta["extensions"].items():
         if not isinstance(desc.get("name"), str):
             raise _fail(path, f"extensions[{name!r}] has no string 'name'")

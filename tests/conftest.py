@@ -60,14 +60,14 @@ def tiny_gpt2():
     return GPT2LMHeadModel(config).eval()
 
 
-def tiny_llama():
+def tiny_llama(hidden_size: int = 16, intermediate_size: int = 32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=2,

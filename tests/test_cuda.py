@@ -214,3 +214,57 @@ def test_trainer_fit_on_gpu(method, schedules, lr_ratio, tmp_path):
                 if not pname.startswith("base."):
                     assert getattr(layer, pname) is p and p.device.type == "cpu", (name, pname)
     save_adapter(model, tmp_path / "adapter.safetensors")
+
+
+# --- quantized bases: bitsandbytes' CUDA kernels --------------------------------------------------
+@pytest.mark.parametrize("name", ["lora", "dora", "vera", "singlora", "adalora", "sltrain"])
+def test_nf4_base_on_gpu_matches_a_dense_base_of_the_dequantized_weights(name, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from tests.quant.helpers import METHODS, dense_twin, ids, llama, loss_and_grads, randomise
+    from tests.quant.helpers import TARGETS as QUANT_TARGETS
+
+    model = llama().cuda()
+    torch.manual_seed(0)
+    inject(model, METHODS[name](), target_modules=QUANT_TARGETS, quantize_base="nf4")
+    assert all(layer.base.weight.is_cuda for layer in adapter_layers(model).values())
+    randomise(model)
+    twin = dense_twin(model, name)  # on the CPU, weights dequantized by the CUDA kernel
+    out, grads = loss_and_grads(model, ids().cuda())
+    want, want_grads = loss_and_grads(twin, ids())
+    # float32 on two devices: different kernels, so not bit-equal
+    torch.testing.assert_close(out.cpu(), want, rtol=1e-4, atol=1e-5)
+    for key in want_grads:
+        torch.testing.assert_close(grads[key].cpu(), want_grads[key], rtol=1e-3, atol=1e-6)
+    path = save_adapter(model, tmp_path / "a.safetensors")
+    cpu = llama()
+    load_adapter(cpu, path)  # quantized again on the CPU, the same codes
+    with torch.no_grad():
+        got = cpu(input_ids=ids()).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_qlora_trainer_fit_on_gpu():
+    pytest.importorskip("bitsandbytes")
+    from lightning_lowrank import unload
+
+    model = _Net()
+    cb = LowRankCallback(
+        DoRA(rank=4), target_modules=["net.0", "net.2"], train_modules=["head"], quantize_base="nf4"
+    )
+    trainer = L.Trainer(
+        accelerator="gpu",
+        devices=1,
+        max_steps=10,
+        callbacks=[cb],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model)
+    assert trainer.global_step == 10 and model.devices_seen == {"cuda"}
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        want = model.cuda()(x.cuda())
+        unload(model, dtype=torch.float32)
+        torch.testing.assert_close(model(x.cuda()), want, rtol=1e-4, atol=1e-5)

@@ -21,7 +21,7 @@ rebuilds those shapes when the file is loaded.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,7 @@ from lightning_lowrank.methods.base import (
     layer_shape,
     peft_pair,
 )
+from lightning_lowrank.methods.layers import weight_dtype_device
 
 #: standard deviation of P and Q at initialisation (official code)
 INIT_STD = 0.02
@@ -143,11 +144,11 @@ class AdaLoRALayer(AdapterLayer):
         r = config.init_rank if rank is None else int(rank)
         if not 0 <= r <= config.init_rank:
             raise ValueError(f"rank must be between 0 and init_rank={config.init_rank}, got {r}")
-        w = cast(Tensor, base.weight)
+        dtype, device = weight_dtype_device(base)
         self.rank = r
         # fixed at alpha / r_init, so truncating or masking slots does not rescale the others
         self.scale = config.alpha / config.init_rank
-        kw: dict[str, Any] = {"dtype": w.dtype, "device": w.device}
+        kw: dict[str, Any] = {"dtype": dtype, "device": device}
         self.lora_A = nn.Parameter(torch.randn(r, self.in_features, **kw) * INIT_STD)
         self.lora_E = nn.Parameter(torch.zeros(r, **kw))
         self.lora_B = nn.Parameter(torch.randn(self.out_features, r, **kw) * INIT_STD)

@@ -51,10 +51,12 @@ from lightning_lowrank.methods.fused import fusable, low_rank_linear
 from lightning_lowrank.methods.layers import (  # noqa: F401 - re-exported: defined here first
     embed_or_linear,
     fill_,
+    is_quantized,
     kaiming_uniform_,
     layer_kind,
     layer_shape,
     own_weight,
+    refuse_quantized_merge,
     weight_oi,
 )
 from lightning_lowrank.methods.peft_form import (  # noqa: F401 - re-exported
@@ -304,7 +306,9 @@ class AdapterLayer(LayerState, nn.Module):
     @torch.no_grad()
     def merged_weight(self) -> Tensor:
         """The ``(out, in)`` weight ``merge`` would write; a ``ValueError`` if any value is
-        non-finite in the base's own dtype (float16 overflows where the delta does not)."""
+        non-finite in the base's own dtype (float16 overflows where the delta does not), or if
+        the base is quantized (``refuse_quantized_merge``)."""
+        refuse_quantized_merge(self)
         w = weight_oi(self.base)
         merged = w + self.merged_delta().to(w.dtype)
         if not torch.isfinite(merged).all():

@@ -39,8 +39,9 @@ from lightning_lowrank.methods.base import (
     check_fraction,
     check_int,
     check_number,
+    refuse_quantized_merge,
 )
-from lightning_lowrank.methods.layers import fill_, weight_oi
+from lightning_lowrank.methods.layers import dense_weight_oi, fill_, is_quantized, weight_oi
 from lightning_lowrank.methods.lora import LoRALayer
 from lightning_lowrank.methods.singlora import SingLoRALayer
 
@@ -115,6 +116,7 @@ class DoRAMagnitude:
     base: nn.Module
     kind: str | None
     merged: bool
+    base_norm_sq: Tensor | None  # a buffer: ||W0||^2 per row over a quantized base
     register_buffer: Callable[..., None]
     fused_low_rank: Callable[..., Tensor | None]
     #: the row factor ``m / ||V||`` folded into the base weight while merged, else None
@@ -123,9 +125,14 @@ class DoRAMagnitude:
     def __init__(self, base: nn.Module, config: DoRA, **layer_kwargs: Any) -> None:
         # a mixin: super() is the delta layer class at run time, mypy sees object
         super().__init__(base, config, **layer_kwargs)  # type: ignore[call-arg]  # mixin
-        w0 = weight_oi(base).detach()
+        w0 = dense_weight_oi(base).detach()  # a quantized base: a temporary dequantized copy
         norm = torch.linalg.vector_norm(w0, dim=1, dtype=_compute_dtype(w0.dtype))
         self.magnitude = nn.Parameter(norm.to(w0.dtype))
+        # a quantized base never changes and has no dense view: keep ||W0||^2, drop the copy
+        self.register_buffer(
+            "base_norm_sq", norm.square() if is_quantized(base) else None, persistent=False
+        )
+        del w0
         self.register_buffer("merge_factor", None, persistent=False)
 
     def direction_factors(self) -> tuple[Tensor, Tensor, Tensor | float]:
@@ -149,8 +156,9 @@ class DoRAMagnitude:
         fill_(self.magnitude, self._base_norm())
 
     def _base_norm(self) -> Tensor:
-        # on a sharded base, a row-sharded norm: fill_ gathers it
-        w0 = weight_oi(self.base).detach()
+        # on a sharded base, a row-sharded norm: fill_ gathers it; a quantized base: a
+        # temporary dequantized copy
+        w0 = dense_weight_oi(self.base).detach()
         return torch.linalg.vector_norm(w0, dim=1, dtype=_compute_dtype(w0.dtype)).to(w0.dtype)
 
     def low_rank_factors(self) -> None:
@@ -171,16 +179,29 @@ class DoRAMagnitude:
 
         Only ``(out, r)`` and ``(r, r)`` intermediates: ``W0 A^T`` and ``A A^T``."""
         b, a, c = self.direction_factors()
-        w0 = weight_oi(self.base)
         dtype = _compute_dtype(a.dtype)
-        # cast the (r, in) factor to the base's dtype rather than W0 to the factor's: no copy of W0
-        w0_at = (w0 @ a.to(w0.dtype).t()).to(dtype)  # (out, r)
+        if self.base_norm_sq is not None:
+            # quantized base: W0 A^T through the base's own (dequantizing) matmul, the r rows of
+            # A as a batch of inputs; ||W0||^2 was kept at init
+            w0_at = self._quantized_base_times(a).t().to(dtype)  # (out, r)
+            w0_sq = self.base_norm_sq.to(dtype)
+        else:
+            w0 = weight_oi(self.base)
+            # cast the (r, in) factor to the base's dtype rather than W0 to the factor's: no
+            # copy of W0
+            w0_at = (w0 @ a.to(w0.dtype).t()).to(dtype)  # (out, r)
+            w0_sq = torch.linalg.vector_norm(w0, dim=1, dtype=dtype).square()
         b, a = b.to(dtype), a.to(dtype)
         c = c.to(dtype) if isinstance(c, Tensor) else c
         cross = (b * w0_at).sum(dim=1)
         quad = ((b @ (a @ a.t())) * b).sum(dim=1)
-        w0_sq = torch.linalg.vector_norm(w0, dim=1, dtype=dtype).square()
         return (w0_sq + 2 * c * cross + c * c * quad).clamp_min(0).sqrt()
+
+    def _quantized_base_times(self, a: Tensor) -> Tensor:
+        """``A W0^T`` (r, out) for a quantized base, computed by the base layer itself."""
+        out = self.base(a.to(self.magnitude.dtype))
+        bias = self._bias()
+        return out if bias is None else out - bias
 
     def _bias(self) -> Tensor | None:
         return None if self.kind == "embedding" else getattr(self.base, "bias", None)
@@ -222,7 +243,7 @@ class DoRAMagnitude:
     def delta_weight(self) -> Tensor:
         """The dense effective update ``m * V / ||V|| - W0`` (merge and analysis only)."""
         low = super().delta_weight()  # type: ignore[misc]  # mixin: super() is the delta layer
-        w = weight_oi(self.base)
+        w = dense_weight_oi(self.base)  # merged is never true over a quantized base
         w0 = (
             w / cast(Tensor, self.merge_factor).to(w.dtype)[:, None] - low.to(w.dtype)
             if self.merged
@@ -233,6 +254,7 @@ class DoRAMagnitude:
 
     @torch.no_grad()
     def _merge_plan(self) -> tuple[Tensor, Tensor]:
+        refuse_quantized_merge(self)
         w = weight_oi(self.base)
         v = w + super().delta_weight().to(w.dtype)  # type: ignore[misc]  # mixin, as above
         factor = self._dense_factor(v)

@@ -1,7 +1,8 @@
 """The base layers an adapter can wrap, their shapes and their weights in ``(out, in)`` orientation.
 
-A leaf module: it imports nothing else from the package, so the protocol (``methods/base.py``) and
-the fused passes (``methods/fused.py``) can both rely on it without importing each other.
+A leaf module: it imports nothing else from the package but the quantisation backend's leaf
+(``quant/backend.py``, which imports no backend until used), so the protocol (``methods/base.py``)
+and the fused passes (``methods/fused.py``) can both rely on it without importing each other.
 
 Weights are always spoken of in ``(out, in)`` orientation. ``nn.Linear`` stores ``(out, in)``;
 transformers' GPT-2 ``Conv1D`` stores ``(in, out)``; an embedding table stores
@@ -17,8 +18,11 @@ import math
 import warnings
 from typing import Any, cast
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lightning_lowrank.quant.backend import compute_dtype, dequantize, quant_format
 
 
 def conv1d_type() -> type[nn.Module] | None:
@@ -61,13 +65,58 @@ def layer_shape(module: nn.Module) -> tuple[int, int]:
 
 
 def weight_oi(module: nn.Module) -> Tensor:
-    """The base weight as an ``(out, in)`` view that shares storage with the parameter."""
+    """The base weight as an ``(out, in)`` view that shares storage with the parameter.
+
+    Raises:
+        TypeError: the layer stores its weight quantized (no dense view exists: read it with
+            ``dense_weight_oi``).
+    """
+    if is_quantized(module):
+        raise TypeError(
+            f"the {type(module).__name__} base stores its weight quantized: it has no dense "
+            "(out, in) view to read or write in place. Merge with unload(model, dtype=...)"
+        )
     kind = layer_kind(module)
     if kind == "linear":
         return cast(Tensor, module.weight)
     if kind in ("conv1d", "embedding"):
         return cast(Tensor, module.weight).t()
     raise TypeError(f"unsupported layer type {type(module).__name__}")
+
+
+# --- quantized bases (lightning_lowrank/quant): the few facts the methods need ------------------
+def is_quantized(module: nn.Module) -> bool:
+    """Whether ``module`` is a quantized linear layer (bitsandbytes ``Linear4bit`` or an int8
+    ``Linear8bitLt``): its weight is frozen storage, read through ``dense_weight_oi``."""
+    return quant_format(module) is not None
+
+
+def weight_dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """The dtype adapters of ``module`` hold their parameters in (a quantized layer's compute
+    dtype, else its weight's) and the device of its weight."""
+    weight = cast(Tensor, module.weight)
+    dtype = compute_dtype(module) if is_quantized(module) else weight.dtype
+    return dtype, weight.device
+
+
+def dense_weight_oi(module: nn.Module, dtype: torch.dtype | None = None) -> Tensor:
+    """The base weight in ``(out, in)`` orientation as a dense tensor: ``weight_oi`` itself
+    for a plain layer (cast to ``dtype`` if given), a dequantized copy for a quantized one."""
+    if is_quantized(module):
+        return dequantize(module, dtype)
+    w = weight_oi(module)
+    return w if dtype is None else w.to(dtype)
+
+
+def refuse_quantized_merge(layer: Any) -> None:
+    """Raise if ``layer``'s base is quantized: merging in place would round the delta into the
+    4-bit storage (an error of the order of the quantisation step, silently)."""
+    if is_quantized(layer.base):
+        raise ValueError(
+            f"cannot merge in place into the quantized {type(layer.base).__name__} base: use "
+            "unload(model, dtype=torch.float32) (or another dtype), which returns plain layers "
+            "holding the dequantized base plus the delta"
+        )
 
 
 def embed_or_linear(layer: Any, x: Tensor, a: Tensor) -> Tensor:
@@ -100,12 +149,16 @@ def own_weight(module: nn.Module, tied_with: list[str]) -> None:
 
 __all__ = [
     "conv1d_type",
+    "dense_weight_oi",
     "embed_or_linear",
     "fill_",
+    "is_quantized",
     "kaiming_uniform_",
     "layer_kind",
     "layer_shape",
     "own_weight",
+    "refuse_quantized_merge",
+    "weight_dtype_device",
     "weight_oi",
 ]
 

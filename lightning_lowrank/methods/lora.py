@@ -14,7 +14,7 @@ keeps ``x @ A.T`` (r values per token) instead of the full input for A's gradien
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,7 @@ from lightning_lowrank.methods.base import (
     peft_pair,
     scale_factor,
 )
+from lightning_lowrank.methods.layers import weight_dtype_device
 
 
 @dataclass
@@ -84,15 +85,13 @@ class LoRALayer(AdapterLayer):
         self.rank = config.rank if rank is None else int(rank)
         self.alpha = config.alpha if alpha is None else float(alpha)
         r = self.rank
-        w = cast(Tensor, base.weight)
+        dtype, device = weight_dtype_device(base)
         self.scale = scale_factor(self.alpha, r, config.scaling)
         self.lora_A = nn.Parameter(
-            torch.empty(r, self.in_features, dtype=w.dtype, device=w.device),
+            torch.empty(r, self.in_features, dtype=dtype, device=device),
             requires_grad=config.train_a,
         )
-        self.lora_B = nn.Parameter(
-            torch.zeros(self.out_features, r, dtype=w.dtype, device=w.device)
-        )
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=device))
         if self.kind == "embedding":
             # as in PEFT: A is zero and B random, so the embedding lookup of A gets a gradient
             nn.init.zeros_(self.lora_A)

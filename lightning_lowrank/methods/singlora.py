@@ -17,7 +17,6 @@ while ``A`` itself is random: ``A = 0`` would receive a zero gradient forever.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +35,7 @@ from lightning_lowrank.methods.base import (
     peft_pair,
     scale_factor,
 )
+from lightning_lowrank.methods.layers import weight_dtype_device
 
 
 @dataclass
@@ -86,17 +86,17 @@ class SingLoRALayer(AdapterLayer):
     def __init__(self, base: nn.Module, config: SingLoRA) -> None:
         super().__init__(base, config)
         r = config.rank
-        w = cast(Tensor, base.weight)
+        dtype, device = weight_dtype_device(base)
         self.scale = scale_factor(config.alpha, r, config.scaling)
         self.ramp_steps = config.ramp_steps
         d = max(self.out_features, self.in_features)
         # A plays LoRA's A (it projects the input), so it gets LoRA's A init: Kaiming-uniform with
         # fan_in = d (drawn as (r, d) and transposed), not fan_in = r, which would make the update
         # at u = 1 about d / r times larger
-        a_t = kaiming_uniform_(torch.empty(r, d, dtype=w.dtype, device=w.device))
+        a_t = kaiming_uniform_(torch.empty(r, d, dtype=dtype, device=device))
         self.lora_A = nn.Parameter(a_t.t().contiguous())
         # the optimizer step count: persistent so checkpoints and adapter files resume the ramp
-        self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=w.device))
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=device))
 
     def set_step(self, step: int) -> None:
         self.step.fill_(check_int("step", step, minimum=0))

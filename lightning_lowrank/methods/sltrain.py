@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,7 @@ from lightning_lowrank.methods.base import (
     layer_kind,
     scale_factor,
 )
+from lightning_lowrank.methods.layers import weight_dtype_device
 
 Mode = Literal["adapter", "pretrain"]
 
@@ -180,8 +181,7 @@ class SLTrainLayer(AdapterLayer):
     ) -> None:
         super().__init__(base, config)
         r = config.rank
-        w = cast(Tensor, base.weight)
-        dtype, device = w.dtype, w.device
+        dtype, device = weight_dtype_device(base)
         self.pretrain = config.mode == "pretrain"
         self.scale = scale_factor(config.alpha, r, config.scaling)
         self.lora_A = nn.Parameter(

@@ -47,7 +47,7 @@ from lightning_lowrank.methods.base import (
     peft_pair,
 )
 from lightning_lowrank.methods.fused import AutogradCtx, fusable, rows
-from lightning_lowrank.methods.layers import layer_kind, layer_shape, weight_oi
+from lightning_lowrank.methods.layers import layer_kind, layer_shape, weight_dtype_device, weight_oi
 
 
 @dataclass
@@ -100,9 +100,9 @@ class VeRA(AdapterConfig):
         ]
         in_max = max([i for _, i in shapes] + ins)
         out_max = max([o for o, _ in shapes] + outs)
-        first = cast(Tensor, next(iter(bases.values())).weight)
+        dtype, device = weight_dtype_device(next(iter(bases.values())))
         shared = SharedProjection(
-            self.rank, in_max, out_max, seed=self.seed, dtype=first.dtype, device=first.device
+            self.rank, in_max, out_max, seed=self.seed, dtype=dtype, device=device
         )
         return {
             name: VeRALayer(base, self, shared, **layer_meta.get(name, {}))
@@ -234,14 +234,14 @@ class VeRALayer(AdapterLayer):
             raise ValueError(
                 "the shared VeRA pair is smaller than this layer: rebuild the adapters"
             )
-        w = cast(Tensor, base.weight)
+        dtype, device = weight_dtype_device(base)
         # a submodule referenced by every layer: one storage, and .to() moves it once
         self.shared = shared
         self.vera_lambda_d = nn.Parameter(
-            torch.full((config.rank,), float(config.d_init), dtype=w.dtype, device=w.device)
+            torch.full((config.rank,), float(config.d_init), dtype=dtype, device=device)
         )
         self.vera_lambda_b = nn.Parameter(
-            torch.zeros(self.out_features, dtype=w.dtype, device=w.device)
+            torch.zeros(self.out_features, dtype=dtype, device=device)
         )
 
     def layer_metadata(self) -> dict[str, Any]:

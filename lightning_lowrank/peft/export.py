@@ -26,6 +26,7 @@ from lightning_lowrank.peft.names import (
     relative,
     target_modules,
 )
+from lightning_lowrank.quant.model import record as quant_record
 from lightning_lowrank.shard import needs_gather, on_rank_zero
 
 
@@ -199,12 +200,27 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, root: str | None
     if needs_gather(model):
         return on_rank_zero(model, lambda: export_peft(model, directory, root))
     config, tensors = peft_adapter(model, root)
+    metadata = {"format": "pt", **base_quantization_note(model, root)}
     text = json.dumps(config, indent=2, sort_keys=True)
     # both files at once: a crash never leaves new weights under an old config (files.py)
     return replace_directory_files(
         directory,
         {
-            WEIGHTS_NAME: lambda p: save_file(tensors, p, metadata={"format": "pt"}),
+            WEIGHTS_NAME: lambda p: save_file(tensors, p, metadata=metadata),
             CONFIG_NAME: lambda p: Path(p).write_text(text + "\n"),
         },
     )
+
+
+def base_quantization_note(model: nn.Module, root: str | None = None) -> dict[str, str]:
+    """``{"base_quantization": JSON}`` naming how the base's quantized layers are stored (PEFT
+    names, e.g. ``{"model.layers.0.self_attn.q_proj": {"format": "nf4", ...}}``), or ``{}``.
+
+    It goes into the safetensors metadata, which PEFT ignores: the adapter applies to the dense
+    base too, but it was trained over (and matches outputs exactly over) the quantized one."""
+    recorded = quant_record(model)
+    if not recorded:
+        return {}
+    root = export_root(model, list(adapter_layers(model)), root)
+    inner = {relative(n, root): v for n, v in recorded.items() if inside(n, root)}
+    return {"base_quantization": json.dumps(inner, sort_keys=True)}

@@ -46,6 +46,7 @@ from lightning_lowrank.methods.base import (
     embed_or_linear,
     weight_oi,
 )
+from lightning_lowrank.methods.layers import is_quantized
 from lightning_lowrank.schedules.base import Schedule
 from lightning_lowrank.shard import gathered, shard_like
 
@@ -236,6 +237,12 @@ class DeltaLoRA(Schedule):
     ) -> None:
         for name, layer in layers.items():
             _check_layer(name, layer)
+            if self.mode == "inplace" and is_quantized(layer.base):
+                raise ValueError(
+                    f"DeltaLoRA(mode='inplace') would write into the quantized base of {name!r} "
+                    "(4-bit storage has no dense weight to update): use mode='implicit', which "
+                    "adds the same term in the forward and leaves the base untouched"
+                )
         for layer in layers.values():
             if self.mode == "inplace":
                 layer.own_base_weight()  # a tied weight's other users keep the original
