@@ -69,13 +69,13 @@ EXAMPLES = [
 class Net(nn.Module):
     """Three adaptable linear layers (out > in, out < in, square) between a fixed input and head."""
 
-    def __init__(self) -> None:
+    def __init__(self, width: int = 6, wide: int = 10) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.up = nn.Linear(6, 10)
-        self.down = nn.Linear(10, 6)
-        self.square = nn.Linear(6, 6)
-        self.head = nn.Linear(6, 2)
+        self.up = nn.Linear(width, wide)
+        self.down = nn.Linear(wide, width)
+        self.square = nn.Linear(width, width)
+        self.head = nn.Linear(width, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.tanh(self.up(x))
@@ -100,7 +100,11 @@ def adapted(config: AdapterConfig) -> Net:
 def perturbed(config: AdapterConfig, seed: int = 2) -> Net:
     """An adapted model whose adapter tensors moved off their init, as after training, with any
     ramp half-way (SingLoRA), so that every term of every method is nonzero."""
-    model = adapted(config)
+    return perturb_adapters(adapted(config), seed)
+
+
+def perturb_adapters(model: nn.Module, seed: int = 2) -> nn.Module:
+    """Move every floating adapter tensor of ``model`` off its init and set the ramp half-way."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in adapter_state_dict(model).values():

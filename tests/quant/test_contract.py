@@ -29,7 +29,6 @@ pytest.importorskip("bitsandbytes")
 from lightning_lowrank import (  # noqa: E402
     AdapterConfig,
     adapter_layers,
-    adapter_state_dict,
     export_peft,
     import_peft,
     inject,
@@ -43,32 +42,22 @@ from lightning_lowrank.methods.layers import is_quantized  # noqa: E402
 from lightning_lowrank.peft import PeftExportError  # noqa: E402
 from lightning_lowrank.quant import NF4, dequantize  # noqa: E402
 from lightning_lowrank.quant.model import quantize_named  # noqa: E402
-from tests.methods.test_contract import EXAMPLES  # noqa: E402
+from tests.methods.test_contract import EXAMPLES, perturb_adapters  # noqa: E402
+from tests.methods.test_contract import Net as ContractNet  # noqa: E402
 
 TARGETS = ["up", "down", "square"]
 ATOL = RTOL = 1e-5
 
 
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.up = nn.Linear(32, 64)
-        self.down = nn.Linear(64, 32)
-        self.square = nn.Linear(32, 32)
-        self.head = nn.Linear(32, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.tanh(self.up(x))
-        h = torch.tanh(self.down(h)) + x
-        return self.head(torch.tanh(self.square(h)))
+def Net() -> nn.Module:  # noqa: N802 - the contract suite's model, with widths NF4 can store
+    return ContractNet(width=32, wide=64)
 
 
 def inputs() -> torch.Tensor:
     return torch.randn(5, 32, generator=torch.Generator().manual_seed(1))
 
 
-def quantized_base() -> Net:
+def quantized_base() -> nn.Module:
     model = Net()
     quantize_named(model, {n: NF4() for n in TARGETS})
     return model
@@ -78,21 +67,14 @@ def pretrains(config: AdapterConfig) -> bool:
     return getattr(config, "mode", None) == "pretrain"
 
 
-def adapted(config: AdapterConfig) -> Net:
+def adapted(config: AdapterConfig) -> nn.Module:
     model = Net()
     inject(model, copy.deepcopy(config), TARGETS, quantize_base="nf4")
     return model
 
 
-def perturbed(config: AdapterConfig, seed: int = 2) -> Net:
-    model = adapted(config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in adapter_state_dict(model).values():
-            if p.is_floating_point():
-                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
-    set_step(model, 5)
-    return model
+def perturbed(config: AdapterConfig, seed: int = 2) -> nn.Module:
+    return perturb_adapters(adapted(config), seed)
 
 
 @pytest.fixture
