@@ -13,8 +13,10 @@ interval's upper end is below it. Then the peak training memory of every variant
 ``--memory-repeats`` fresh processes (``benchmarks.memory``'s method: the peak-RSS increase over
 the steps, on a resident copy of the weights) with the bytes saved for backward as a cross-check.
 
-``--quant`` adds rows of this library over a 4-bit NF4 base (``inject(..., quantize_base="nf4")``)
-when ``lightning_lowrank.quant`` exists in the checkout; the run refuses ``--quant`` otherwise.
+``--quant`` adds LoRA and DoRA over a 4-bit NF4 base: this library's
+(``inject(..., quantize_base="nf4")``) against PEFT's over the same bitsandbytes ``Linear4bit``
+layers, when ``lightning_lowrank.quant`` exists in the checkout; the run refuses ``--quant``
+otherwise.
 
 Writes ``benchmarks/results/causal_lm.json`` (``--tiny`` and ``--quick`` write under
 ``benchmarks/results/quick/``); ``python -m benchmarks.render`` adds it to the Benchmarks page.
@@ -49,6 +51,7 @@ from benchmarks.common import (  # noqa: E402
 )
 from benchmarks.methods import ENTRIES, LORA_FA, MethodEntry, build_ours, build_peft  # noqa: E402
 from benchmarks.provenance import provenance  # noqa: E402
+from benchmarks.report_causal import counterpart  # noqa: E402
 from benchmarks.stats import t_interval  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -64,6 +67,8 @@ TARGETS = {
     "step_over_floor": {"LoRA": 1.05, "DoRA": 1.10},
     "ours_over_peft": {"LoRA": 0.92, "DoRA": 0.82},
     "memory_ours_over_peft": {"LoRA": 0.83, "DoRA": 0.65},
+    # over a 4-bit base (the quantized-base issue): step time and peak memory at most PEFT's
+    "nf4_ours_over_peft": {"LoRA": 1.0, "DoRA": 1.0},
 }
 
 
@@ -151,15 +156,20 @@ def floor_step_fn(model: nn.Module, batch: dict[str, Tensor]) -> Any:
 
 
 def build(variant: str, base: nn.Module, batch: dict[str, Tensor], checkpointing: bool) -> Runner:
-    """``floor``, ``<Method>:ours``, ``<Method>:peft`` or ``<Method>:ours-nf4`` on a copy of
-    ``base``."""
+    """``floor``, ``<Method>:ours``, ``<Method>:peft``, ``<Method>:ours-nf4`` or
+    ``<Method>:peft-nf4`` on a copy of ``base``. PEFT's 4-bit base is the copy with its target
+    layers turned into bitsandbytes ``Linear4bit`` (NF4, blocks of 64, double quantisation, the
+    layers ``BitsAndBytesConfig(load_in_4bit=True)`` loads), so both libraries run over the same
+    stored bits and kernels."""
     model = fresh_copy(base)
     if variant == "floor":
         set_checkpointing(model, checkpointing)
         return Runner("floor", model, floor_step_fn(model, batch))
     name, lib = variant.split(":")
     entry = next(e for e in entries() if e.name == name)
-    if lib == "peft":
+    if lib.startswith("peft"):
+        if lib == "peft-nf4":
+            _quantize_targets(model)
         runner = build_peft(entry, model, batch, target=TARGET)
     else:
         kwargs = {"quantize_base": "nf4"} if lib == "ours-nf4" else None
@@ -169,6 +179,16 @@ def build(variant: str, base: nn.Module, batch: dict[str, Tensor], checkpointing
     return runner
 
 
+def _quantize_targets(model: nn.Module) -> None:
+    import re
+
+    from lightning_lowrank.quant.model import quantize_named
+    from lightning_lowrank.quant.spec import NF4
+
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    quantize_named(model, {n: NF4() for n in names if re.fullmatch(TARGET, n)})
+
+
 def variants(methods: list[MethodEntry], quant: bool) -> list[str]:
     out = ["floor"]
     for e in methods:
@@ -176,7 +196,7 @@ def variants(methods: list[MethodEntry], quant: bool) -> list[str]:
         if e.peft is not None:
             out.append(f"{e.name}:peft")
         if quant and e.name in ("LoRA", "DoRA"):
-            out.append(f"{e.name}:ours-nf4")
+            out += [f"{e.name}:ours-nf4", f"{e.name}:peft-nf4"]
     return out
 
 
@@ -201,8 +221,8 @@ def time_mode(
                 [a / b for a, b in zip(times[v], times["floor"], strict=True)]
             )
         }
-        peft = v.split(":")[0] + ":peft"
-        if v.endswith(":ours") and peft in times:
+        peft = counterpart(v)
+        if peft in times:
             row["over_peft"] = ratio_block(
                 [a / b for a, b in zip(times[v], times[peft], strict=True)]
             )
@@ -305,7 +325,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--methods", nargs="*", help="only these methods (default: all)")
     parser.add_argument("--checkpointing", choices=["off", "on", "both"], default="both")
     parser.add_argument("--phases", nargs="*", default=["time", "memory"])
-    parser.add_argument("--quant", action="store_true", help="add 4-bit-base rows of ours")
+    parser.add_argument("--quant", action="store_true", help="add 4-bit-base rows (ours and PEFT)")
     parser.add_argument("--memory-variant", help=argparse.SUPPRESS)  # one reading, in-process
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)

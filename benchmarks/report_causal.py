@@ -5,6 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 
+def counterpart(variant: str) -> str | None:
+    """The PEFT variant an ``ours`` variant is compared with (``LoRA:ours-nf4`` ->
+    ``LoRA:peft-nf4``), or None for the floor and PEFT's own variants."""
+    name, _, lib = variant.partition(":")
+    return f"{name}:peft{lib[4:]}" if lib.startswith("ours") else None
+
+
 def _interval(d: dict[str, Any] | None) -> str:
     if not d:
         return "-"
@@ -68,9 +75,12 @@ def mode_table(res: dict[str, Any], mode: str) -> list[str]:
         method, lib = v.split(":")
         r = tr["ratios"][v] if tr else {}
         m = mem.get(v)
-        peft_m = mem.get(f"{method}:peft") if lib == "ours" else None
+        twin = counterpart(v)
+        peft_m = mem.get(twin) if twin else None
         ratio_m = f"{m['median_mib'] / peft_m['median_mib']:.2f}" if m and peft_m else "-"
         is_ours = lib == "ours"
+        # over a 4-bit base the target is PEFT's QLoRA itself, for time and memory alike
+        nf4 = targets.get("nf4_ours_over_peft", {}).get(method) if lib == "ours-nf4" else None
         lines.append(
             f"| {v} | "
             + (f"{tr['seconds'][v]:.3f}" if tr else "-")
@@ -81,11 +91,15 @@ def mode_table(res: dict[str, Any], mode: str) -> list[str]:
                 else "-"
             )
             + f" | {_interval(r.get('over_peft'))} | "
-            + (_met(r.get("over_peft"), targets["ours_over_peft"].get(method)) if is_ours else "-")
+            + (
+                _met(r.get("over_peft"), nf4 or targets["ours_over_peft"].get(method))
+                if is_ours or nf4
+                else "-"
+            )
             + f" | {_mib(m)} | "
             + (f"{m['saved_mib']:.1f}" if m else "-")
             + f" | {ratio_m} | "
-            + _memory_met(m, peft_m, targets["memory_ours_over_peft"].get(method))
+            + _memory_met(m, peft_m, nf4 or targets["memory_ours_over_peft"].get(method))
             + " |"
         )
     return lines

@@ -71,8 +71,29 @@ def test_every_method_of_the_issue_is_benchmarked():
         "LoRA:ours",
         "LoRA:peft",
         "LoRA:ours-nf4",
+        "LoRA:peft-nf4",
         "LoRA-FA:ours",
     ]
+    assert causal_lm.counterpart("LoRA:ours") == "LoRA:peft"
+    assert causal_lm.counterpart("DoRA:ours-nf4") == "DoRA:peft-nf4"
+    assert causal_lm.counterpart("LoRA:peft-nf4") is None
+    assert causal_lm.counterpart("floor") is None
+
+
+def test_both_libraries_run_over_the_same_4bit_layers():
+    pytest.importorskip("bitsandbytes")
+    from lightning_lowrank.quant import quant_format
+
+    base = causal_lm.load_model(tiny=True)
+    batch = causal_lm.make_batch(base.config.vocab_size, 2, 8)
+    ours = causal_lm.build("LoRA:ours-nf4", base, batch, checkpointing=False)
+    peft = causal_lm.build("LoRA:peft-nf4", base, batch, checkpointing=False)
+    count = {
+        lib: sum(quant_format(m) == "nf4" for m in r.model.modules())
+        for lib, r in (("ours", ours), ("peft", peft))
+    }
+    assert count["ours"] == count["peft"] == 7 * causal_lm.TINY["layers"]
+    assert sum(quant_format(m) is not None for m in base.modules()) == 0  # copies were quantized
 
 
 def test_quant_rows_are_refused_without_the_quantized_base(monkeypatch, tmp_path):
