@@ -341,11 +341,17 @@ def unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     for layer in layers.values():
         if not (is_quantized(layer.base) and not layer.merged):
             layer.check_merge()
+    # the plain layers of quantized bases are built (and checked) before any layer changes
+    built = {
+        name: quant.unloaded_linear(layer, dtype, name)
+        for name, layer in layers.items()
+        if is_quantized(layer.base) and not layer.merged
+    }
     untied = any(layer.tied_with for layer in layers.values() if not layer.merged)
     for name, layer in layers.items():
         plain: nn.Module
-        if is_quantized(layer.base) and not layer.merged:
-            plain = quant.unloaded_linear(layer, dtype)
+        if name in built:
+            plain = built[name]
         else:
             layer.merge()
             plain = layer.base if dtype is None else layer.base.to(dtype)

@@ -29,7 +29,12 @@ from torch import Tensor, nn
 
 from lightning_lowrank.files import atomic_write
 from lightning_lowrank.inject import adapter_layers, attach
-from lightning_lowrank.metadata import build_error, method_from_metadata, parse_metadata
+from lightning_lowrank.metadata import (
+    build_error,
+    header_metadata,
+    method_from_metadata,
+    parse_metadata,
+)
 from lightning_lowrank.methods.base import (
     EXTENSION_TYPES,
     AdapterConfig,
@@ -98,8 +103,10 @@ def save_adapter(
     path = Path(path)
     method = model_method(model)
     layers = stored_layers(adapter_layers(model))  # LoRA-drop's dropped layers are left out
-    # names relative to the model's root (lightning_lowrank.names), as export_peft writes them
-    names = file_names(model, list(layers))
+    quantized = quant.record(model)
+    # names relative to the model's root (lightning_lowrank.names), as export_peft writes them;
+    # the quantisation record is named from the same root, so it fits every wrapping too
+    names = file_names(model, list(dict.fromkeys([*layers, *quantized])))
     layers = {names[n]: layer for n, layer in layers.items()}
     if truncate:
         parts = {n: layer.truncated_state() for n, layer in layers.items()}
@@ -128,7 +135,7 @@ def save_adapter(
         ),
         "extra": json.dumps(extra or {}),
         "shared": json.dumps(shared_map(layers)),
-        "quantization": json.dumps(quant.record(model)),
+        "quantization": json.dumps({names[n]: facts for n, facts in quantized.items()}),
     }
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
@@ -146,7 +153,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, 
     # another process replaces the file (adapter files are small)
     data = path.read_bytes()
     try:
-        raw = _header_metadata(data)
+        raw = header_metadata(data)
         tensors = safetensors_load(data)
     except Exception as err:  # safetensors raises its own error types for corrupt headers/data
         raise ValueError(f"{path} is not a valid safetensors adapter file ({err})") from err
@@ -156,20 +163,6 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, 
             f"{raw.get('format')!r}); for a PEFT adapter directory use import_peft"
         )
     return tensors, parse_metadata(raw, path)
-
-
-def _header_metadata(data: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors file's JSON header (8-byte little-endian length)."""
-    if len(data) < 8:
-        raise ValueError("the file is shorter than a safetensors header")
-    size = int.from_bytes(data[:8], "little")
-    if size > len(data) - 8:
-        raise ValueError("the header length exceeds the file")
-    header = json.loads(data[8 : 8 + size])
-    meta = header.get("__metadata__") or {} if isinstance(header, dict) else None
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise ValueError("the header's __metadata__ is not a map of strings")
-    return meta
 
 
 def _check_state(expected: dict[str, Tensor], tensors: dict[str, Tensor], path: Path) -> None:
@@ -250,7 +243,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
     _check_sizes(model, meta, path)
     bases = {f: model.get_submodule(m) for f, m in mapping.items()}
     # a fresh model's bases recorded as quantized are quantized the same way, if still dense
-    plan = {} if existing else quant.plan_from_record(model, meta["quantization"], str(path))
+    recorded = quant.recorded_in(model, meta["quantization"], mapping, str(path))
+    plan = quant.plan_from_record(model, recorded, str(path), adapted=bool(existing))
     plan_f = {f: plan[m] for f, m in mapping.items() if m in plan}
     quant.check_method(method, bases, plan_f)
     if existing:

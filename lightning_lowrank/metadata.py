@@ -135,3 +135,17 @@ def method_from_metadata(method: dict[str, Any], path: Path | str) -> AdapterCon
 def build_error(path: Path | str, err: Exception) -> MetadataError:
     """The error for per-layer facts that the layers reject (unknown or ill-typed fields)."""
     return _fail(path, f"its per-layer facts do not fit this version's layers ({err})")
+
+
+def header_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's JSON header (8-byte little-endian length)."""
+    if len(data) < 8:
+        raise ValueError("the file is shorter than a safetensors header")
+    size = int.from_bytes(data[:8], "little")
+    if size > len(data) - 8:
+        raise ValueError("the header length exceeds the file")
+    header = json.loads(data[8 : 8 + size])
+    meta = header.get("__metadata__") or {} if isinstance(header, dict) else None
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ValueError("the header's __metadata__ is not a map of strings")
+    return meta

@@ -24,12 +24,13 @@ from lightning_lowrank.quant.backend import (
     compute_dtype,
     dequantize,
     describe,
+    layer_blocksize,
     quant_format,
     quantizable,
     quantize_linear,
     spec_matches,
 )
-from lightning_lowrank.quant.spec import NF4
+from lightning_lowrank.quant.spec import NF4, dtype_name
 
 #: per-layer specs: the layers to quantize, by qualified name (as in the unadapted model)
 Plan = dict[str, NF4]
@@ -110,7 +111,8 @@ def quantize_named(model: nn.Module, plan: Plan) -> list[str]:
 
 def record(model: nn.Module) -> dict[str, dict[str, Any]]:
     """How every quantized layer of ``model`` is stored, by its name in the unadapted model (an
-    adapted base is named as its adapter layer)."""
+    adapted base is named as its adapter layer). Adapter files store it under their own names
+    (``lightning_lowrank.names``), which ``recorded_in`` reads back."""
     adapted = {f"{n}.base": n for n, m in model.named_modules() if isinstance(m, AdapterLayer)}
     return {
         adapted.get(name, name): describe(module)
@@ -119,20 +121,52 @@ def record(model: nn.Module) -> dict[str, dict[str, Any]]:
     }
 
 
-def plan_from_record(model: nn.Module, recorded: dict[str, dict[str, Any]], source: str) -> Plan:
-    """The layers to quantize so that ``model`` stores its base as ``recorded`` says.
+def recorded_in(
+    model: nn.Module,
+    recorded: dict[str, dict[str, Any]],
+    mapping: dict[str, str],
+    source: str,
+) -> dict[str, dict[str, Any]]:
+    """An adapter file's quantisation record keyed by names in ``model``.
+
+    ``mapping`` is ``{name in the file: name in model}`` for the file's adapted layers; the other
+    recorded layers (quantized with ``NF4(frozen_linear=True)``, or LoRA-drop's dropped layers)
+    are resolved together with them, so one reading of the names holds for both.
 
     Raises:
-        ValueError: a recorded layer is quantized in the model with other settings, or is dense
+        ValueError: a recorded layer is not in ``model`` (the file was saved from another model).
+    """
+    from lightning_lowrank.names import resolve_file_names
+
+    rest = [n for n in recorded if n not in mapping]
+    both = resolve_file_names(model, [*mapping, *rest]) if rest else mapping
+    if both is None or any(both[n] != m for n, m in mapping.items()):
+        raise ValueError(
+            f"{source} records quantized base layers this model lacks (e.g. {rest[:3]}): it was "
+            "saved from another model"
+        )
+    return {both[n]: facts for n, facts in recorded.items()}
+
+
+def plan_from_record(
+    model: nn.Module, recorded: dict[str, dict[str, Any]], source: str, adapted: bool = False
+) -> Plan:
+    """The layers to quantize so that ``model`` stores its base as ``recorded`` (keyed by names
+    in ``model``) says.
+
+    Args:
+        adapted: ``model`` already holds the adapters the file is loaded into; their bases
+            cannot be quantized under them, so a recorded layer that is dense is refused.
+
+    Raises:
+        ValueError: a recorded layer is quantized in the model with other settings; is dense
             and recorded in a format this library does not produce (int8, fp4: load the model
-            quantized as it was, e.g. with transformers' ``BitsAndBytesConfig``).
+            quantized as it was, e.g. with transformers' ``BitsAndBytesConfig``); or is dense
+            under ``adapted``.
     """
     plan: Plan = {}
     for name, facts in recorded.items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            continue  # missing modules are reported by the caller
+        module = model.get_submodule(name)
         if isinstance(module, AdapterLayer):
             module = module.base
         if is_quantized(module):
@@ -147,26 +181,51 @@ def plan_from_record(model: nn.Module, recorded: dict[str, dict[str, Any]], sour
                 f"{source} was trained over {name!r} quantized as {facts}: load the base model "
                 "quantized that way (e.g. transformers' BitsAndBytesConfig) before loading it"
             )
+        reason = quantizable(module, facts["blocksize"])
+        width = layer_shape(module)[1] if reason is None else 0
+        if reason is None and layer_blocksize(width, facts["blocksize"]) != facts["blocksize"]:
+            reason = f"in_features={width} is not a multiple of {facts['blocksize']}"
+        if reason is not None:
+            raise ValueError(
+                f"{source} was trained over {name!r} quantized as {facts}, but this model's "
+                f"{name!r} cannot be stored so ({reason}): it was saved from another model"
+            )
+        if adapted:
+            raise ValueError(
+                f"{source} was trained over {name!r} stored as {facts}, but this model's adapters "
+                "sit on a dense base: load it into a fresh model (its bases are quantized as "
+                "recorded) or into adapters injected with quantize_base=NF4(...)"
+            )
         plan[name] = NF4(blocksize=facts["blocksize"], double_quant=facts["double_quant"])
     return plan
 
 
 @torch.no_grad()
-def unloaded_linear(layer: AdapterLayer, dtype: torch.dtype | None) -> nn.Linear:
+def unloaded_linear(layer: AdapterLayer, dtype: torch.dtype | None, name: str = "") -> nn.Linear:
     """A plain ``nn.Linear`` holding ``dequantize(W0) + merged delta`` in ``dtype`` (default: the
-    base's compute dtype), summed in float32 or wider, with the base's bias."""
+    base's compute dtype), summed in float32 or wider, with the base's bias. ``layer`` is not
+    changed.
+
+    Raises:
+        ValueError: the weight has non-finite values (a diverged adapter, or a sum beyond
+            ``dtype``'s range), naming the layer ``name``.
+    """
     base = layer.base
     wide = torch.promote_types(torch.float32, dtype or torch.float32)
     delta = layer.merged_delta()
-    weight: Tensor = dequantize(base, wide) + delta.to(wide)
-    if not torch.isfinite(weight).all():
-        raise ValueError("refusing to unload: the adapter's delta has non-finite values")
     dtype = dtype or delta.dtype
+    weight: Tensor = (dequantize(base, wide) + delta.to(wide)).to(dtype)
+    if not torch.isfinite(weight).all():
+        raise ValueError(
+            f"refusing to unload: {name or 'a layer'}'s dequantized base plus delta has "
+            f"non-finite values in {dtype_name(dtype)} (a diverged adapter, or values beyond "
+            "that dtype's range: pass a wider dtype); the model is unchanged"
+        )
     bias = getattr(base, "bias", None)
     plain = nn.Linear(
         layer.in_features, layer.out_features, bias=bias is not None, device="meta", dtype=dtype
     )
-    plain.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+    plain.weight = nn.Parameter(weight, requires_grad=False)
     if bias is not None:
         plain.bias = nn.Parameter(bias.detach().to(dtype).clone(), requires_grad=False)
     plain.train(base.training)
