@@ -106,9 +106,11 @@ bench: $(VENV)/.all-installed fortunes
 	$(BIN)/python -m benchmarks.render
 
 # SmolLM2-135M causal LM on CPU (batch 4 x 256): against the floor and PEFT, with and without
-# gradient checkpointing; add ARGS=--quant for the 4-bit-base rows once lightning_lowrank.quant exists
+# gradient checkpointing (ARGS=--quant adds the 4-bit-base rows, ours and PEFT's); then where
+# the time of a LoRA step over the floor goes (benchmarks.profile_causal)
 bench-causal: $(VENV)/.all-installed
 	$(BIN)/python -m benchmarks.causal_lm $(ARGS)
+	$(BIN)/python -m benchmarks.profile_causal
 	$(BIN)/python -m benchmarks.render
 
 # QLoRA on CPU: ours against PEFT over bitsandbytes' 4-bit base (SmolLM2-135M); rewrites the

@@ -182,7 +182,13 @@ def causal_lines() -> list[str]:
             "nothing is claimed until then.",
             "",
         ]
-    return lines + [causal_report(json.loads(path.read_text())), ""]
+    lines += [causal_report(json.loads(path.read_text())), ""]
+    profiled = RESULTS / "causal_profile.json"
+    if profiled.exists():
+        from benchmarks.profile_causal import markdown_section
+
+        lines += markdown_section(json.loads(profiled.read_text()))
+    return lines
 
 
 def _fsdp_section() -> list[str]:

@@ -1,0 +1,208 @@
+"""Where the time of a causal-LM training step goes: the floor against LoRA, by phase and by kind
+of operation (SmolLM2-135M, CPU, one thread).
+
+    python -m benchmarks.profile_causal [--variants floor LoRA:ours LoRA:peft] [--steps 3]
+    python -m benchmarks.profile_causal --tiny     # a tiny random Llama: a smoke run
+
+For each variant (built as in ``benchmarks.causal_lm``, on the same batch): the process CPU time
+of the forward (with the causal-LM loss), the backward and the optimizer step (AdamW step and
+zero_grad; the floor has none), median over ``--steps`` steps after two untimed ones; then one
+step under ``torch.profiler`` whose operators' own CPU time is summed by kind:
+
+- ``rank-r products``: matrix products with an operand of the adapter's rank (8) as a dimension;
+- ``full-width products``: every other matrix product (the frozen layers, attention, the head);
+- ``elementwise``: additions, multiplications, copies, activations, normalisation pieces;
+- ``other``: everything else (attention kernels, the loss, indexing, allocation).
+
+Writes ``benchmarks/results/causal_profile.json`` (``--tiny``: under ``results/quick/``);
+``python -m benchmarks.render`` adds it to the Benchmarks page, after the causal-LM tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks import causal_lm
+from benchmarks.provenance import provenance
+
+RANK = 8  # the rank of every method in benchmarks.methods
+PRODUCTS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm"}
+ELEMENTWISE = (
+    "add",
+    "sub",
+    "mul",
+    "div",
+    "copy_",
+    "silu",
+    "neg",
+    "pow",
+    "rsqrt",
+    "mean",
+    "sum",
+    "addcmul",
+    "addcdiv",
+    "sqrt",
+    "lerp",
+    "fill_",
+    "zero_",
+    "cat",
+    "clone",
+    "contiguous",
+)
+
+
+def kind(name: str, shapes: list[list[int]]) -> str:
+    """The kind of work an operator does (see the description of ``benchmarks.profile_causal``)."""
+    if name in PRODUCTS:
+        return "rank-r products" if any(RANK in s for s in shapes) else "full-width products"
+    base = name.removeprefix("aten::").rstrip("_")
+    if name.startswith("aten::") and any(base == e.rstrip("_") for e in ELEMENTWISE):
+        return "elementwise"
+    return "other"
+
+
+def _phased_step(variant: str, model: torch.nn.Module, batch: dict) -> Any:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4) if variant != "floor" and params else None
+    clock = time.process_time
+
+    def step() -> dict[str, float]:
+        t0 = clock()
+        loss = model(**batch).loss
+        t1 = clock()
+        loss.backward()
+        t2 = clock()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        t3 = clock()
+        return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2}
+
+    return step
+
+
+def measure(variant: str, base: torch.nn.Module, batch: dict, steps: int) -> dict[str, Any]:
+    runner = causal_lm.build(variant, base, batch, checkpointing=False)
+    model = runner.model
+    step = _phased_step(variant, model, batch)
+    for _ in range(2):
+        step()
+    phases = [step() for _ in range(steps)]
+    out: dict[str, Any] = {
+        "phases_s": {k: statistics.median(p[k] for p in phases) for k in phases[0]},
+    }
+    out["step_s"] = sum(out["phases_s"].values())
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        step()
+    kinds: dict[str, float] = {}
+    others: dict[str, float] = {}
+    for event in prof.key_averages(group_by_input_shape=True):
+        shapes = [list(s) for s in (event.input_shapes or []) if isinstance(s, list | tuple)]
+        k = kind(event.key, shapes)
+        seconds = event.self_cpu_time_total / 1e6
+        kinds[k] = kinds.get(k, 0.0) + seconds
+        if k == "other":
+            others[event.key] = others.get(event.key, 0.0) + seconds
+    out["profiled_s"] = kinds
+    # what "other" holds, largest first: the page can name it
+    out["other_top_s"] = dict(sorted(others.items(), key=lambda kv: -kv[1])[:8])
+    del runner, model
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", nargs="+", default=["floor", "LoRA:ours", "LoRA:peft"])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=causal_lm.BATCH)
+    parser.add_argument("--seq", type=int, default=causal_lm.SEQ)
+    parser.add_argument("--tiny", action="store_true")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.batch, args.seq, args.steps = 2, 16, 1
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    base = causal_lm.load_model(args.tiny)
+    batch = causal_lm.make_batch(base.config.vocab_size, args.batch, args.seq)
+    res: dict[str, Any] = {
+        "meta": {
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "model": "tiny random Llama" if args.tiny else "SmolLM2-135M-Instruct (float32)",
+            "batch": args.batch,
+            "seq_len": args.seq,
+            "steps": args.steps,
+            "rank": RANK,
+            "clock": "process CPU time, torch on 1 thread; kinds: operators' own CPU time "
+            "(torch.profiler) in one step",
+            "command": "python -m benchmarks.profile_causal "
+            + " ".join(sys.argv[1:] if argv is None else argv),
+            **provenance("CPU, torch threads 1"),
+        },
+        "variants": {},
+    }
+    for v in args.variants:
+        res["variants"][v] = measure(v, base, batch, args.steps)
+        print(v, json.dumps(res["variants"][v]), flush=True)
+    res["meta"]["wall_seconds"] = round(time.perf_counter() - started, 1)
+    out_dir = causal_lm.RESULTS / ("quick" if args.tiny else "")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "causal_profile.json").write_text(json.dumps(res, indent=2) + "\n")
+    return res
+
+
+def markdown_section(res: dict[str, Any]) -> list[str]:
+    """The page's section: each variant's time by phase and by kind, and LoRA's extra time over
+    the floor split the same ways."""
+    meta, vs = res["meta"], res["variants"]
+    if "floor" not in vs:
+        return []
+    kinds = ["full-width products", "rank-r products", "elementwise", "other"]
+    lines = [
+        "### Where the time goes",
+        "",
+        f"`python -m benchmarks.profile_causal` ({meta['model']}, batch {meta['batch']} x "
+        f"{meta['seq_len']}, no checkpointing, commit `{(meta.get('commit') or 'unknown')[:10]}`"
+        f", {meta['date']}): seconds per step by phase (median of {meta['steps']} steps, process "
+        "CPU time) and, from one profiled step, the operators' own CPU time by kind (matrix "
+        f"products with a rank-{meta['rank']} operand, other matrix products, elementwise "
+        "operations, the rest). The difference rows are a variant's time minus the floor's.",
+        "",
+        "| variant | forward | backward | optimizer | step | " + " | ".join(kinds) + " |",
+        "|---|---|---|---|---|" + "---|" * len(kinds),
+    ]
+    floor = vs["floor"]
+
+    def row(label: str, d: dict[str, Any], minus: dict[str, Any] | None = None) -> str:
+        def val(section: str, key: str) -> str:
+            x = d[section].get(key, 0.0) - (minus[section].get(key, 0.0) if minus else 0.0)
+            return f"{x:+.3f}" if minus else f"{x:.3f}"
+
+        step = d["step_s"] - (minus["step_s"] if minus else 0.0)
+        return (
+            f"| {label} | "
+            + " | ".join(val("phases_s", k) for k in ("forward", "backward", "optimizer"))
+            + (f" | {step:+.3f} | " if minus else f" | {step:.3f} | ")
+            + " | ".join(val("profiled_s", k) for k in kinds)
+            + " |"
+        )
+
+    for name, d in vs.items():
+        lines.append(row(name, d))
+    for name, d in vs.items():
+        if name != "floor":
+            lines.append(row(f"{name} - floor", d, floor))
+    return [*lines, ""]
+
+
+if __name__ == "__main__":
+    main()
