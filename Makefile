@@ -106,10 +106,10 @@ bench: $(VENV)/.all-installed fortunes
 	$(BIN)/python -m benchmarks.render
 
 # SmolLM2-135M causal LM on CPU (batch 4 x 256): against the floor and PEFT, with and without
-# gradient checkpointing (ARGS=--quant adds the 4-bit-base rows, ours and PEFT's); then where
+# gradient checkpointing, plus LoRA and DoRA over a 4-bit base (ours and PEFT's); then where
 # the time of a LoRA step over the floor goes (benchmarks.profile_causal)
 bench-causal: $(VENV)/.all-installed
-	$(BIN)/python -m benchmarks.causal_lm $(ARGS)
+	$(BIN)/python -m benchmarks.causal_lm --quant $(ARGS)
 	$(BIN)/python -m benchmarks.profile_causal
 	$(BIN)/python -m benchmarks.render
 
