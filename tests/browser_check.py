@@ -90,12 +90,13 @@ PROBE = r"""
     if (!hidden && (text.includes("\\") || text.includes("$"))) texts.push(text);
   }
   // a display equation wider than the column must scroll inside its own box
-  const wide = [];
+  const wide = [], scrolls = [];
   for (const e of root.querySelectorAll('div.arithmatex, mjx-container[display="true"]')) {
     if (e.parentElement.matches("div.arithmatex")) continue;  // the div is the scrolling box
     const overflow = getComputedStyle(e).overflowX;
-    if (e.scrollWidth > e.clientWidth + 1 && overflow !== "auto" && overflow !== "scroll") {
-      wide.push(e.textContent.slice(0, 40));
+    if (e.scrollWidth > e.clientWidth + 1) {
+      (overflow !== "auto" && overflow !== "scroll" ? wide : scrolls).push(
+        `${e.textContent.slice(0, 40)} (${e.scrollWidth - e.clientWidth} px too wide)`);
     }
   }
   const links = [];
@@ -106,12 +107,17 @@ PROBE = r"""
     errors: Array.from(document.querySelectorAll("mjx-merror"), e => e.textContent),
     math: document.querySelectorAll("mjx-container").length,
     wide,
+    scrolls,
     sideways: document.documentElement.scrollWidth > window.innerWidth + 1,
     links,
     ids: Array.from(document.querySelectorAll("[id], a[name]"), e => e.id || e.name),
   };
 })()
 """
+
+
+#: the window width the pages are read at (CSS pixels)
+WIDTH = 1280
 
 
 def find_chromium() -> str | None:
@@ -258,6 +264,15 @@ class Browser:
             "sessionId"
         ]
         self.call("Page.enable", session=True)
+        # a desktop reader's window: display equations must fit its column without scrolling
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            session=True,
+            width=WIDTH,
+            height=1400,
+            deviceScaleFactor=1,
+            mobile=False,
+        )
         # the search index (megabytes, indexed again by a worker on every page) is not what is
         # checked here, and on two cores it would dominate the check's time
         self.call("Network.enable", session=True)
@@ -353,6 +368,12 @@ def check_site(site: Path, chromium: str, pages: list[str] | None = None) -> Rep
                     report.add(page, f"TeX error: {error!r}")
                 for equation in probe["wide"]:
                     report.add(page, f"wide equation does not scroll: {equation!r}")
+                for equation in probe["scrolls"]:
+                    report.add(
+                        page,
+                        f"equation wider than the {WIDTH} px window's column (break it into "
+                        f"lines): {equation!r}",
+                    )
                 if probe["sideways"]:
                     report.add(page, "the page is wider than the window")
                 for url in external_requests(browser.requests, origin):
