@@ -339,7 +339,9 @@ def test_browser_check_reads_a_rendered_page(tmp_path):
     assert report.pages == 1
     assert report.problems["/index.html"] == [
         "raw TeX: 'left raw: $x^2$'",
-        "wide equation does not scroll: 'wide'",
+        "wide equation does not scroll: 'wide (200 px too wide)'",
+        "equation wider than the 1280 px window's column (break it into lines): "
+        "'scrolls (200 px too wide)'",
         "loads from another host: https://cdn.example.org/x.js",
         "broken link: /missing/",
     ]
