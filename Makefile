@@ -101,8 +101,12 @@ docs-versions: $(VENV)/.docs-installed
 	@echo "versioned site: the gh-pages branch of $(DOCS_CLONE); browse it with"
 	@echo "  cd $(DOCS_CLONE) && $(abspath $(BIN))/mike serve"
 
+# MiniLM on CPU: speed and memory against PEFT (the Benchmarks page), and the per-step cost of
+# AdaLoRA's allocator and of Delta-LoRA (tables on their concept pages)
 bench: $(VENV)/.all-installed fortunes
 	$(BIN)/python -m benchmarks.speed
+	$(BIN)/python -m benchmarks.adalora_cost
+	$(BIN)/python -m benchmarks.delta_lora_cost
 	$(BIN)/python -m benchmarks.render
 
 # SmolLM2-135M causal LM on CPU (batch 4 x 256): against the floor and PEFT, with and without

@@ -5,16 +5,29 @@ batch, then the allocator's per-step work on the gradients that step left (the o
 gradient, the importance EMAs) and, every ``delta_t`` steps, the global masking. Medians are
 reported; the amortised cost is ``orth + importance + masking / delta_t``.
 
-Run: ``python -m benchmarks.adalora_cost [--reps 20] [--threads 1]``.
+Times are the process's CPU time (torch on one thread by default). Writes
+``benchmarks/results/adalora_cost.json`` (with the commit, device and library versions) and the
+table of ``docs/concepts/adalora.md`` between its ``adalora-cost`` markers.
+
+Run: ``python -m benchmarks.adalora_cost [--reps 20] [--threads 1]``; ``--render`` only rewrites
+the table from the JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
+
+from benchmarks.provenance import provenance
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULT = ROOT / "benchmarks" / "results" / "adalora_cost.json"
+PAGE = ROOT / "docs" / "concepts" / "adalora.md"
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -23,7 +36,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--out", type=Path, default=RESULT)
+    parser.add_argument("--render", action="store_true", help="only rewrite the docs table")
     args = parser.parse_args(argv)
+    if args.render:
+        result = json.loads(args.out.read_text())
+        render(result)
+        return result
     torch.set_num_threads(args.threads)
 
     import torch.nn.functional as F
@@ -45,9 +64,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 
     def clock(fn) -> float:
-        start = time.perf_counter()
+        start = time.process_time()
         fn()
-        return time.perf_counter() - start
+        return time.process_time() - start
 
     def train_step() -> None:
         opt.zero_grad()
@@ -72,21 +91,52 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "fraction_amortised": per_step / med["train"],
         "fraction_masking_step": (med["orth"] + med["importance"] + med["mask"]) / med["train"],
         "layers": len(layers),
+        "rank": cfg.init_rank,
+        "delta_t": cfg.delta_t,
+        "batch": [args.batch_size, args.max_length],
+        "threads": args.threads,
+        "reps": args.reps,
+        "clock": "process CPU time",
+        **provenance(f"CPU, torch threads {args.threads}"),
     }
-    print(
-        f"MiniLM, {len(layers)} AdaLoRA layers (r={cfg.init_rank}), batch {args.batch_size}x"
-        f"{args.max_length}, {args.threads} thread(s), median of {args.reps}:"
-    )
-    print(
-        f"  training step {result['train_ms']:.1f} ms; orthogonality grad {result['orth_ms']:.2f} ms, "
-        f"importance EMAs {result['importance_ms']:.2f} ms, masking {result['mask_ms']:.2f} ms"
-    )
-    print(
-        f"  allocator per step (masking every {cfg.delta_t}): {result['allocator_per_step_ms']:.2f}"
-        f" ms = {result['fraction_amortised']:.1%} of a training step "
-        f"({result['fraction_masking_step']:.1%} on a masking step)"
-    )
+    print(table(result))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.out == RESULT:
+        render(result)
     return result
+
+
+def table(r: dict) -> str:
+    """The page's table: the allocator's work per step against a training step."""
+    batch, length = r["batch"]
+    return "\n".join(
+        [
+            f"MiniLM, {r['layers']} AdaLoRA layers (r = {r['rank']}), batch {batch} x {length} "
+            f"tokens, AdamW, {r['threads']} CPU thread(s), {r['clock']}, median of {r['reps']} "
+            f"repetitions (commit `{(r.get('commit') or 'unknown')[:10]}`"
+            + (" with uncommitted changes" if r.get("dirty") else "")
+            + f", torch {r['versions']['torch']}).",
+            "",
+            "| | per step |",
+            "|---|---|",
+            f"| training step | {r['train_ms']:.0f} ms |",
+            f"| orthogonality gradient | {r['orth_ms']:.2f} ms |",
+            f"| importance EMAs | {r['importance_ms']:.2f} ms |",
+            f"| global masking (every {r['delta_t']} steps) | {r['mask_ms']:.2f} ms |",
+            f"| allocator, amortised | {r['allocator_per_step_ms']:.2f} ms = "
+            f"{r['fraction_amortised']:.1%} of a training step |",
+            f"| allocator, on a masking step | {r['fraction_masking_step']:.1%} of a training "
+            "step |",
+        ]
+    )
+
+
+def render(result: dict) -> None:
+    from benchmarks.page_table import write_between
+
+    generator = "python -m benchmarks.adalora_cost (benchmarks/results/adalora_cost.json)"
+    write_between(PAGE, "adalora-cost", generator, table(result))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,12 @@ One process, the setting of ``benchmarks.common`` (MiniLM, 36 adapted layers, Lo
 Delta-LoRA is active from the first step (``start_step=0``). Each variant's overhead is the median
 over rounds of its step time over the LoRA step time of the same round, minus one.
 
-Run: ``python -m benchmarks.delta_lora_cost [--reps 10] [--steps 2] [--threads 1]``.
+Times are the process's CPU time (torch on one thread by default). Writes
+``benchmarks/results/delta_lora_cost.json`` (with the commit, device and library versions) and the
+table of ``docs/concepts/delta_lora.md`` between its ``delta-lora-cost`` markers.
+
+Run: ``python -m benchmarks.delta_lora_cost [--reps 10] [--steps 2] [--threads 1]``;
+``--render`` only rewrites the table from the JSON.
 """
 
 from __future__ import annotations
@@ -26,6 +31,12 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import TARGET, Runner, load_base, make_batch, time_interleaved
+from benchmarks.provenance import provenance
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULT = ROOT / "benchmarks" / "results" / "delta_lora_cost.json"
+PAGE = ROOT / "docs" / "concepts" / "delta_lora.md"
+CLOCK = time.process_time
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -33,8 +44,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--out", type=Path, default=RESULT, help="write the results as JSON here")
+    parser.add_argument("--render", action="store_true", help="only rewrite the docs table")
     args = parser.parse_args(argv)
+    if args.render:
+        result = json.loads(args.out.read_text())
+        render(result)
+        return result
     torch.set_num_threads(args.threads)
 
     from benchmarks.common import training_step_fn
@@ -55,21 +71,21 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             schedule.setup(model, layers, None)
 
             def before(step: int, s=schedule, la=layers) -> None:
-                t0 = time.perf_counter()
+                t0 = CLOCK()
                 s.before_optimizer_step(None, la, step)
                 if s.mode == "inplace":
-                    hook_times.append(time.perf_counter() - t0)
+                    hook_times.append(CLOCK() - t0)
 
             def after(step: int, s=schedule, la=layers) -> None:
-                t0 = time.perf_counter()
+                t0 = CLOCK()
                 s.after_optimizer_step(None, la, step)
                 if s.mode == "inplace":
-                    hook_times[-1] += time.perf_counter() - t0
+                    hook_times[-1] += CLOCK() - t0
 
         model.train()
         runners.append(Runner(name, model, training_step_fn(model, batch, before, after)))
 
-    times = time_interleaved(runners, args.reps, args.steps)
+    times = time_interleaved(runners, args.reps, args.steps, clock=CLOCK)
     lora = times["lora"]
     ratio = {
         n: statistics.median(t / ref for t, ref in zip(times[n], lora, strict=True))
@@ -88,21 +104,44 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "layers": len(adapter_layers(runners[0].model)),
         "threads": args.threads,
         "reps": args.reps,
+        "steps": args.steps,
+        "clock": "process CPU time",
+        **provenance(f"CPU, torch threads {args.threads}"),
     }
-    print(
-        f"MiniLM, LoRA r=8 on {result['layers']} layers, batch 16x64, {args.threads} thread(s), "
-        f"median of {args.reps} rounds x {args.steps} steps:"
-    )
-    print(f"  LoRA training step {result['lora_step_ms']:.0f} ms")
-    print(
-        f"  in-place: hooks {result['inplace_hooks_ms']:.2f} ms = "
-        f"{result['inplace_hooks_fraction']:.1%} of a step; whole step "
-        f"{result['inplace_overhead']:+.1%} vs LoRA"
-    )
-    print(f"  implicit: whole step {result['implicit_overhead']:+.1%} vs LoRA")
-    if args.out is not None:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(table(result))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.out == RESULT:
+        render(result)
     return result
+
+
+def table(r: dict) -> str:
+    """The page's table: the cost of each form per step, against plain LoRA."""
+    return "\n".join(
+        [
+            f"MiniLM, LoRA r=8 on {r['layers']} layers, batch 16 x 64, {r['threads']} CPU "
+            f"thread(s), {r.get('clock', 'wall time')}, median of {r['reps']} interleaved rounds of {r.get('steps', '?')} "
+            f"steps (commit `{(r.get('commit') or 'unknown')[:10]}`"
+            + (" with uncommitted changes" if r.get("dirty") else "")
+            + f", torch {r.get('versions', {}).get('torch', '?')}).",
+            "",
+            "| | per step |",
+            "|---|---|",
+            f"| plain LoRA training step | {r['lora_step_ms']:.0f} ms |",
+            f"| in-place: snapshot + base update hooks | {r['inplace_hooks_ms']:.1f} ms = "
+            f"{r['inplace_hooks_fraction']:.1%} of a LoRA step |",
+            f"| in-place: whole step vs LoRA | {r['inplace_overhead']:+.1%} |",
+            f"| implicit: whole step vs LoRA | {r['implicit_overhead']:+.1%} |",
+        ]
+    )
+
+
+def render(result: dict) -> None:
+    from benchmarks.page_table import write_between
+
+    generator = "python -m benchmarks.delta_lora_cost (benchmarks/results/delta_lora_cost.json)"
+    write_between(PAGE, "delta-lora-cost", generator, table(result))
 
 
 if __name__ == "__main__":
