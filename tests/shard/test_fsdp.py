@@ -8,6 +8,7 @@ block selection run without spawning.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import subprocess
 import sys
@@ -69,13 +70,20 @@ def _result(sharded, case: str) -> list:
 
 pytestmark = [pytest.mark.ddp, pytest.mark.slow]
 
+HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
+needs_bnb = pytest.mark.skipif(not HAS_BNB, reason="quantized bases need bitsandbytes")
+
+
+def _cases(names) -> list:
+    return [pytest.param(n, marks=needs_bnb) if n in common.QUANT_CASES else n for n in names]
+
 
 # --- every method and schedule equals one process ---------------------------------------------
-@pytest.mark.parametrize("case", list(common.CASES))
+@pytest.mark.parametrize("case", _cases(common.CASES))
 def test_two_ranks_equal_one_process(sharded, single, case):
     out, _ = sharded
     facts = _result(sharded, case)
-    reference_facts = common.run(case, single, None)
+    reference_facts = _reference(single, case)
     got, meta = read_adapter(out / f"{case}.safetensors")
     want, want_meta = read_adapter(single / f"{case}.safetensors")
     assert meta == want_meta
@@ -97,6 +105,64 @@ def test_two_ranks_equal_one_process(sharded, single, case):
     assert _same(facts[0], reference_facts, atol=ATOL)
     if "masks" in reference_facts:  # AdaLoRA pruned some slots (not a trivial all-ones pattern)
         assert any((m == 0).any() for m in reference_facts["masks"].values())
+
+
+_REFERENCES: dict[str, dict] = {}
+
+
+def _reference(single: Path, case: str) -> dict:
+    """One process's run of ``case`` (once per session: several tests compare with it)."""
+    if case not in _REFERENCES:
+        _REFERENCES[case] = common.run(case, single, None)
+    return _REFERENCES[case]
+
+
+# --- over a quantized base ------------------------------------------------------------------
+@pytest.mark.parametrize("case", _cases(common.QUANT_CASES))
+def test_quantized_base_stays_whole_and_its_file_reloads_exactly(sharded, single, case):
+    from lightning_lowrank import load_adapter
+    from lightning_lowrank.methods.layers import is_quantized
+
+    out, _ = sharded
+    facts = _result(sharded, case)
+    reference = _reference(single, case)
+    for rank in facts:
+        # every quantized weight is a whole bitsandbytes parameter on every rank (not a DTensor),
+        # the very bytes of one process (compared exactly by the test above as well)
+        kinds = set(rank["storage_types"].values())
+        assert kinds == ({"Params4bit", "Int8Params"} if case == "bnb_lora" else {"Params4bit"})
+        assert all(torch.equal(rank["storage"][n], t) for n, t in reference["storage"].items())
+        # merge into a 4-bit weight is refused as on one process, and changes nothing
+        assert "unload(model, dtype=" in rank["merge_refused"] and rank["unchanged"]
+    # the 2-rank file records how each base is stored ...
+    _, meta = read_adapter(out / f"{case}.safetensors")
+    recorded = {facts["format"] for facts in meta["quantization"].values()}
+    assert recorded == ({"nf4", "int8"} if case == "bnb_lora" else {"nf4"})
+    assert len(meta["quantization"]) == 14  # 7 linear layers in each of the 2 blocks
+    # ... and loads onto a fresh model (dense: quantized the same way as it loads; or one that
+    # comes quantized), which then computes the logits of the model trained on one process
+    fresh = common.TinyLM(base=common.QUANT_CASES[case])
+    fresh.configure_model()
+    load_adapter(fresh, out / f"{case}.safetensors")
+    assert all(is_quantized(la.base) for la in adapter_layers(fresh).values())
+    got = common.probe_logits(fresh)
+    torch.testing.assert_close(got, reference["logits"], rtol=0, atol=ATOL)
+    assert reference["logits"].abs().max() > 0.1  # not a degenerate output
+
+
+@needs_bnb
+def test_quantized_replicas_come_from_rank_zero(sharded):
+    rank0, rank1 = _result(sharded, "quantized_replicas")
+    # the ranks quantized different weights; after sharding both hold rank 0's storage
+    assert set(rank0["storage"]) == set(rank1["storage"]) and rank0["storage"]
+    for name, value in rank0["storage"].items():
+        assert torch.equal(rank1["storage"][name], value), name
+    assert any(not torch.equal(rank1["own"][n], rank0["storage"][n]) for n in rank0["storage"]), (
+        "the ranks built the same weights: nothing was broadcast"
+    )
+    assert all(kind == "Params4bit" for kind in rank1["types"].values())
+    for message in (rank0["refused"], rank1["refused"]):
+        assert "ignored_params=lightning_lowrank.quant.fsdp.quantized_storage" in message
 
 
 def _same(a, b, atol: float = 0.0) -> bool:
