@@ -32,6 +32,13 @@ from tests.shard import common, extra_cases
 
 ROOT = Path(__file__).resolve().parents[2]
 ATOL = 1e-5  # float32: 8 AdamW steps, gradients reduced in another order than one process
+# int8 layers (bitsandbytes' Linear8bitLt) round their inputs per token to 1/127 of its absmax:
+# a last-bit difference from the reduction order can move one input a whole int8 step
+ATOL_INT8 = 5e-5
+
+
+def _atol(case: str) -> float:
+    return ATOL_INT8 if case == "bnb_lora" else ATOL
 
 
 # --- the 2-rank run, shared by every test below ----------------------------------------------
@@ -89,20 +96,20 @@ def test_two_ranks_equal_one_process(sharded, single, case):
     assert meta == want_meta
     assert set(got) == set(want)
     for key, value in want.items():
-        torch.testing.assert_close(got[key], value, rtol=0, atol=ATOL, msg=key)
+        torch.testing.assert_close(got[key], value, rtol=0, atol=_atol(case), msg=key)
     trained = [k for k in want if "lora_B" in k or "lambda_b" in k or "sparse_values" in k]
     # the merged weights (Delta-LoRA's in-place base updates included)
     got_merged = load_file(out / f"{case}_merged.safetensors")
     want_merged = load_file(single / f"{case}_merged.safetensors")
     assert set(got_merged) == set(want_merged)
     for key, value in want_merged.items():
-        torch.testing.assert_close(got_merged[key], value, rtol=0, atol=ATOL, msg=key)
+        torch.testing.assert_close(got_merged[key], value, rtol=0, atol=_atol(case), msg=key)
     if trained:  # the adapters moved (SingLoRA has no zero-initialised factor to check)
         assert any(want[k].abs().max() > 1e-3 for k in trained)
     # schedule state (AdaLoRA's masks, LoRA-drop's selections): identical on every rank and
     # equal to one process
     assert _same(facts[0], facts[1])
-    assert _same(facts[0], reference_facts, atol=ATOL)
+    assert _same(facts[0], reference_facts, atol=_atol(case))
     if "masks" in reference_facts:  # AdaLoRA pruned some slots (not a trivial all-ones pattern)
         assert any((m == 0).any() for m in reference_facts["masks"].values())
 
@@ -146,7 +153,7 @@ def test_quantized_base_stays_whole_and_its_file_reloads_exactly(sharded, single
     load_adapter(fresh, out / f"{case}.safetensors")
     assert all(is_quantized(la.base) for la in adapter_layers(fresh).values())
     got = common.probe_logits(fresh)
-    torch.testing.assert_close(got, reference["logits"], rtol=0, atol=ATOL)
+    torch.testing.assert_close(got, reference["logits"], rtol=0, atol=_atol(case))
     assert reference["logits"].abs().max() > 0.1  # not a degenerate output
 
 
