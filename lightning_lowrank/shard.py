@@ -16,7 +16,9 @@ group instead, gathered through the forward and backward (``adapter_group``).
 Quantized bases (bitsandbytes ``Linear4bit``/``Linear8bitLt``, from ``quantize_base`` or already in
 the model) are not sharded: their weights are ``ignored_params`` of every ``fully_shard`` call and
 stay whole on every rank, copied from rank 0 first, since FSDP2 would drop the quantisation state
-that bitsandbytes keeps on the parameter (``lightning_lowrank.quant.fsdp``, with the memory cost).
+that bitsandbytes keeps on the parameter. Memory: every rank holds the whole quantized storage
+(NF4: 13 % of the float32 bytes, against 1/N of them for a float32 base sharded over N ranks);
+their biases, the adapters and every dense layer are sharded (``lightning_lowrank.quant.fsdp``).
 
 Frozen and trainable parameters mix freely in one group. Parameters become ``DTensor`` shards
 (``Shard(0)`` over the data-parallel mesh); inside a group's forward and backward FSDP2 swaps in

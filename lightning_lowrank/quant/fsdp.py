@@ -19,9 +19,10 @@ is broadcast to the other ranks, so the replicas are identical even if the ranks
 quantized different weights. The biases of quantized layers, the adapters, their gradients and
 optimizer state, and every dense layer are sharded as before.
 
-Memory: each rank holds the whole quantized storage of those layers, about ``0.13 x`` (NF4) or
-``0.25 x`` (int8) of their float32 bytes, where a sharded float32 base would take ``1 / N`` of them:
-the replicated NF4 base is smaller per rank up to ``N = 7`` ranks.
+Memory: each rank holds the whole quantized storage of those layers, about 0.53 bytes a weight
+for NF4 (13 % of float32) or 1 byte for int8, where a base sharded over ``N`` ranks takes ``4 / N``
+(float32) or ``2 / N`` (bfloat16): the replicated NF4 base is smaller per rank up to 7 ranks
+against float32, up to 3 against bfloat16.
 """
 
 from __future__ import annotations

@@ -223,6 +223,24 @@ def test_merged_state_dict_is_unloads_and_leaves_the_model(llama):
         assert torch.equal(value, before[key])
 
 
+@needs_bnb
+def test_merged_state_dict_over_a_quantized_base_is_unloads():
+    from tests.quant.helpers import quantized, randomise
+
+    model = quantized("dora")
+    randomise(model)
+    before = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    merged = merged_state_dict(model)
+    want = unload(copy.deepcopy(model)).state_dict()  # plain layers: dequantize(W0) + dW
+    assert set(merged) == set(want)
+    assert not any("absmax" in k or "quant" in k for k in merged)
+    for key, value in want.items():
+        torch.testing.assert_close(merged[key], value, rtol=0, atol=1e-6)
+    for key, value in model.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, before[key]), key
+
+
 # --- checkpoints ----------------------------------------------------------------------------
 @pytest.mark.parametrize("case", ["resume_file", "resume_dcp"])
 def test_resume_from_adapter_only_checkpoint(sharded, case):
