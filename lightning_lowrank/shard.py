@@ -13,6 +13,13 @@ Under Lightning's ``ModelParallelStrategy`` the callback injects the adapters, t
 When a schedule shares adapters between layers (LoRA-drop), all adapter parameters form one
 group instead, gathered through the forward and backward (``adapter_group``).
 
+Quantized bases (bitsandbytes ``Linear4bit``/``Linear8bitLt``, from ``quantize_base`` or already in
+the model) are not sharded: their weights are ``ignored_params`` of every ``fully_shard`` call and
+stay whole on every rank, copied from rank 0 first, since FSDP2 would drop the quantisation state
+that bitsandbytes keeps on the parameter. Memory: every rank holds the whole quantized storage
+(NF4: 13 % of the float32 bytes, against 1/N of them for a float32 base sharded over N ranks);
+their biases, the adapters and every dense layer are sharded (``lightning_lowrank.quant.fsdp``).
+
 Frozen and trainable parameters mix freely in one group. Parameters become ``DTensor`` shards
 (``Shard(0)`` over the data-parallel mesh); inside a group's forward and backward FSDP2 swaps in
 the full tensors, so layers compute as on one process. Outside the forward, code that reads
@@ -164,7 +171,9 @@ def shard_model(
         pl_module: the adapted model; its adapters must already be injected.
         mesh: the data-parallel device mesh (``strategy.device_mesh["data_parallel"]``).
         blocks: the block classes (see ``block_modules``).
-        parallelize: replaces the default with ``parallelize(pl_module, mesh)``.
+        parallelize: replaces the default with ``parallelize(pl_module, mesh)``; it must pass
+            ``ignored_params=quant.fsdp.quantized_storage(pl_module)`` to ``fully_shard`` when
+            the model has quantized layers (a quantized weight it shards raises afterwards).
         adapter_group: put every adapter parameter in one FSDP2 group, kept unsharded from the
             first adapter layer's forward through the backward, so that a layer may compute
             with another layer's parameters (LoRA-drop's sharing; torch refuses one Parameter in
@@ -172,22 +181,32 @@ def shard_model(
     """
     from torch.distributed.fsdp import fully_shard
 
+    from lightning_lowrank.quant import fsdp as quant_fsdp
+
     check_shardable(pl_module, parallelize)
+    quant_fsdp.broadcast_storage(pl_module, mesh)
     if parallelize is not None:
         parallelize(pl_module, mesh)
+        quant_fsdp.check_unsharded(pl_module)
         return
     roots = root_modules(pl_module)
+    ignored = quant_fsdp.quantized_storage(pl_module)
+    kwargs: dict[str, Any] = (
+        {"mesh": mesh, "ignored_params": ignored} if ignored else {"mesh": mesh}
+    )
     if adapter_group:
         from lightning_lowrank.inject import adapter_layers
 
         layers: list[nn.Module] = list(adapter_layers(pl_module).values())
         for layer in layers:
-            fully_shard(cast(nn.Module, layer.base), mesh=mesh)
-        fully_shard(layers, mesh=mesh, reshard_after_forward=False)
+            base = cast(nn.Module, layer.base)
+            if any(p not in ignored for p in base.parameters()):  # a whole quantized base: none
+                fully_shard(base, **kwargs)
+        fully_shard(layers, reshard_after_forward=False, **kwargs)
     for block in block_modules(pl_module, blocks):
-        fully_shard(block, mesh=mesh)
+        fully_shard(block, **kwargs)
     for root in roots:
-        fully_shard(root, mesh=mesh)
+        fully_shard(root, **kwargs)
 
 
 # --- tensors of schedules -------------------------------------------------------------------
@@ -258,6 +277,13 @@ def gathered(model: nn.Module, everything: bool = True) -> Iterator[nn.Module]:
     new Parameters (same ``requires_grad``); the sharded ones are put back on exit, so nothing
     may run a forward inside the block, and writes into the full tensors are discarded.
     """
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        # a forward outside training leaves the root group unsharded (FSDP2 keeps it for a
+        # backward that never comes): register the shards again, so every slot is found
+        if isinstance(module, FSDPModule):
+            module.reshard()
     slots = _sharded_slots(model, everything)
     full: dict[int, nn.Parameter] = {}
     for _, _, p in slots:
@@ -308,20 +334,28 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     into its base weight, and adapter layers named as their plain base layers.
 
     On a sharded model every rank must call it (it gathers every parameter); every rank gets
-    the full tensors, on the CPU.
+    the full tensors, on the CPU. A quantized adapted base becomes, as in ``unload``, a plain
+    weight ``dequantize(W0) + dW`` in the base's compute dtype (its quantisation entries go).
     """
     from lightning_lowrank.inject import adapter_layers
     from lightning_lowrank.methods.base import weight_oi
+    from lightning_lowrank.methods.layers import is_quantized
+    from lightning_lowrank.quant.model import unloaded_linear
 
     with gathered(model, everything=True), torch.no_grad():
         layers = adapter_layers(model)
         state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
         for name, layer in layers.items():
+            quantized = not layer.merged and is_quantized(layer.base)
             for key in [k for k in state if k.startswith(name + ".")]:
                 rest = key[len(name) + 1 :]
                 value = state.pop(key)
-                if rest.startswith("base."):
+                if rest.startswith("base.") and not quantized:
                     state[f"{name}.{rest[5:]}"] = value
+            if quantized:
+                unloaded = unloaded_linear(layer, None).state_dict(prefix=f"{name}.")
+                state.update({k: v.detach().to("cpu") for k, v in unloaded.items()})
+                continue
             if layer.merged:
                 continue
             w = weight_oi(layer.base)

@@ -31,15 +31,17 @@ STEPS = 8
 GLOBAL_BATCH = 4
 SEQ = 12
 WORLD = 2
+#: hidden and intermediate sizes bitsandbytes can quantize (every in_features a multiple of 32)
+QUANT_WIDTHS = (32, 64)
 
 
-def llama_config():
+def llama_config(hidden_size: int = 16, intermediate_size: int = 32):
     from transformers import LlamaConfig
 
     return LlamaConfig(
         vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=2,
@@ -48,12 +50,17 @@ def llama_config():
 
 
 class TinyLM(L.LightningModule):
-    """A causal LM built in ``configure_model`` (idempotent), optionally on the meta device."""
+    """A causal LM built in ``configure_model`` (idempotent), optionally on the meta device.
 
-    def __init__(self, lr: float = 1e-2, meta: bool = False) -> None:
+    ``base="wide"`` builds it at ``QUANT_WIDTHS``; ``base="bnb"`` also stores its layers as
+    bitsandbytes builds them (a model that comes quantized): ``Linear4bit`` NF4 attention and
+    gate/up projections, int8 ``Linear8bitLt`` down projections."""
+
+    def __init__(self, lr: float = 1e-2, meta: bool = False, base: str = "dense") -> None:
         super().__init__()
         self.lr = lr
         self.meta = meta
+        self.base = base
         self.model = None
 
     def configure_model(self) -> None:
@@ -61,18 +68,43 @@ class TinyLM(L.LightningModule):
             return
         from transformers import LlamaForCausalLM
 
+        config = llama_config(*QUANT_WIDTHS) if self.base != "dense" else llama_config()
         torch.manual_seed(0)
         if self.meta:
             with torch.device("meta"):
-                self.model = LlamaForCausalLM(llama_config())
+                self.model = LlamaForCausalLM(config)
         else:
-            self.model = LlamaForCausalLM(llama_config())
+            self.model = LlamaForCausalLM(config)
+        if self.base == "bnb":
+            quantize_as_bitsandbytes(self.model)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         return self.model(input_ids=batch, labels=batch).loss
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=self.lr)
+
+
+def quantize_as_bitsandbytes(model: torch.nn.Module) -> None:
+    """Store ``model``'s decoder linear layers as bitsandbytes does when it loads a quantized
+    model: NF4 ``Linear4bit`` (blocks of 32, double quantisation), int8 for ``down_proj``."""
+    import bitsandbytes as bnb
+
+    from lightning_lowrank.quant import NF4
+    from lightning_lowrank.quant.model import quantize_named
+
+    names = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and "layers" in n]
+    quantize_named(model, {n: NF4(blocksize=32) for n in names if not n.endswith("down_proj")})
+    for name in [n for n in names if n.endswith("down_proj")]:
+        dense = model.get_submodule(name)
+        int8 = bnb.nn.Linear8bitLt(
+            dense.in_features, dense.out_features, bias=False, has_fp16_weights=False
+        )
+        int8.weight = bnb.nn.Int8Params(
+            dense.weight.detach().clone(), requires_grad=False, has_fp16_weights=False
+        )
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, int8.to("cpu"))  # .to quantizes to int8
 
 
 def tokens(steps: int = STEPS) -> torch.Tensor:
@@ -117,7 +149,17 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
         method=LoRA(rank=4, alpha=8),
         schedules=[LoRADrop(threshold=0.5, sample_steps=3, mode="drop")],
     ),
+    # over a quantized base: NF4 by quantize_base, or a model that comes quantized (NF4 + int8)
+    "nf4_lora": lambda: dict(method=LoRA(rank=4, alpha=8), quantize_base="nf4"),
+    "nf4_dora": lambda: dict(method=DoRA(rank=4, alpha=8), quantize_base="nf4"),
+    "nf4_adalora": lambda: dict(
+        method=AdaLoRA(init_rank=4, target_rank=2, t_init=2, t_final=2, delta_t=1),
+        quantize_base="nf4",
+    ),
+    "bnb_lora": lambda: dict(method=LoRA(rank=4, alpha=8)),
 }
+#: the cases over a quantized base (they need bitsandbytes) and the base ``TinyLM`` builds
+QUANT_CASES = {"nf4_lora": "wide", "nf4_dora": "wide", "nf4_adalora": "wide", "bnb_lora": "bnb"}
 
 PLAIN = ["lora", "rslora", "lora_fa", "lora_plus", "dora", "vera", "singlora", "sltrain"]
 
@@ -178,10 +220,48 @@ def run(case: str, out: Any, rank: int | None) -> dict[str, Any]:
     from lightning_lowrank.shard import save_merged
 
     distributed = rank is not None
-    module = TinyLM()
+    module = TinyLM(base=QUANT_CASES.get(case, "dense"))
     cb = callback(case)
     t = trainer(distributed, callbacks=[cb])
     t.fit(module, loader(rank))
+    facts = quantized_facts(module) if case in QUANT_CASES else {}
     save_adapter(module, out / f"{case}.safetensors")
     save_merged(module, out / f"{case}_merged.safetensors")
-    return schedule_facts(cb)
+    return {**schedule_facts(cb), **facts}
+
+
+def probe_logits(module: torch.nn.Module) -> torch.Tensor:
+    """The LM's logits on fixed tokens (train mode: no eval-mode repack of 4-bit weights)."""
+    module.train()
+    with torch.no_grad():
+        return module.model(input_ids=tokens(1)[:2]).logits
+
+
+def quantized_facts(module: TinyLM) -> dict[str, Any]:
+    """What a trained model over a quantized base must agree on with one process: its logits,
+    the quantized storage (whole and plain on every rank), and ``merge``'s refusal, which
+    leaves the adapters as they were."""
+    from lightning_lowrank import adapter_state_dict, merge
+    from lightning_lowrank.quant import quant_format
+    from lightning_lowrank.shard import gathered
+
+    def adapters() -> dict[str, torch.Tensor]:
+        with gathered(module, everything=False):
+            return {k: v.detach().clone() for k, v in adapter_state_dict(module).items()}
+
+    layers = [(n, m) for n, m in module.named_modules() if quant_format(m) is not None]
+    facts: dict[str, Any] = {
+        "logits": probe_logits(module),
+        "storage": {n: m.weight.data.clone() for n, m in layers},
+        "storage_types": {n: type(m.weight).__name__ for n, m in layers},
+    }
+    before = adapters()
+    try:
+        merge(module)
+    except ValueError as exc:
+        facts["merge_refused"] = str(exc)
+    after = adapters()
+    facts["unchanged"] = set(before) == set(after) and all(
+        torch.equal(before[k], after[k]) for k in before
+    )
+    return facts

@@ -186,10 +186,48 @@ def refuse_sharded(out: Path, rank: int | None) -> str:
     raise AssertionError("an already sharded model was accepted")
 
 
+def quantized_replicas(out: Path, rank: int | None) -> dict[str, Any]:
+    """Ranks that build (and quantize) different weights: after ``shard_model`` every rank holds
+    rank 0's 4-bit storage; a ``parallelize=`` that shards a quantized weight is refused."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from transformers import LlamaForCausalLM
+
+    from lightning_lowrank import LoRA, inject
+    from lightning_lowrank.quant import quant_format
+    from lightning_lowrank.shard import shard_model
+
+    def build() -> nn.Module:
+        torch.manual_seed(rank or 0)  # another model on each rank
+        root = nn.Module()
+        root.model = LlamaForCausalLM(common.llama_config(*common.QUANT_WIDTHS))
+        inject(root, LoRA(rank=4, alpha=8), target_modules="all-linear", quantize_base="nf4")
+        return root
+
+    def storage(root: nn.Module) -> dict[str, torch.Tensor]:
+        return {n: m.weight.data.clone() for n, m in root.named_modules() if quant_format(m)}
+
+    mesh = init_device_mesh("cpu", (common.WORLD,))
+    root = build()
+    own = storage(root)
+    shard_model(root, mesh)
+    result: dict[str, Any] = {
+        "own": own,
+        "storage": storage(root),
+        "types": {n: type(m.weight).__name__ for n, m in root.named_modules() if quant_format(m)},
+    }
+    try:
+        shard_model(build(), mesh, parallelize=lambda m, mesh: fully_shard(m.model, mesh=mesh))
+    except ValueError as exc:
+        result["refused"] = str(exc)
+    return result
+
+
 EXTRA = {
     "save_files": save_files,
     "resume_file": resume_file,
     "resume_dcp": resume_dcp,
     "meta_init": meta_init,
     "refuse_sharded": refuse_sharded,
+    "quantized_replicas": quantized_replicas,
 }
