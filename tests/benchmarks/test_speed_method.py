@@ -89,3 +89,21 @@ def test_memory_block_keeps_every_reading():
     table = memory_table({"memory": block})
     assert "325 (320-330, 2 readings)" in table and "400 (1 reading)" in table
     assert "| 0.81 |" in table  # 325 / 400
+
+
+def test_callback_overhead_runs_both_sides_on_a_tiny_model():
+    # the plain loop must train the same LightningModule the Trainer fits (no private helpers)
+    from benchmarks import speed
+    from tests.conftest import tiny_bert
+
+    base = tiny_bert(num_labels=5)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "input_ids": torch.randint(0, 64, (2, 8), generator=g),
+        "attention_mask": torch.ones(2, 8, dtype=torch.long),
+        "labels": torch.randint(0, 5, (2,), generator=g),
+    }
+    out = speed.bench_callback(base, batch, reps=2, steps=3)
+    assert out["fit_seconds"] > 0 and out["loop_seconds"] > 0
