@@ -35,6 +35,7 @@ from benchmarks import causal_lm
 from benchmarks.provenance import provenance
 
 RANK = 8  # the rank of every method in benchmarks.methods
+PHASES = ("forward", "backward", "optimizer")
 PRODUCTS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm"}
 ELEMENTWISE = (
     "add",
@@ -90,7 +91,9 @@ def _phased_step(variant: str, model: torch.nn.Module, batch: dict) -> Any:
     return step
 
 
-def measure(variant: str, base: torch.nn.Module, batch: dict, steps: int) -> dict[str, Any]:
+def measure(
+    variant: str, base: torch.nn.Module, batch: dict, steps: int, profiled: int = 3
+) -> dict[str, Any]:
     runner = causal_lm.build(variant, base, batch, checkpointing=False)
     model = runner.model
     step = _phased_step(variant, model, batch)
@@ -101,18 +104,23 @@ def measure(variant: str, base: torch.nn.Module, batch: dict, steps: int) -> dic
         "phases_s": {k: statistics.median(p[k] for p in phases) for k in phases[0]},
     }
     out["step_s"] = sum(out["phases_s"].values())
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        step()
-    kinds: dict[str, float] = {}
+    # several profiled steps, each summed by kind; the median per kind resists one slow step
+    per_step: list[dict[str, float]] = []
     others: dict[str, float] = {}
-    for event in prof.key_averages(group_by_input_shape=True):
-        shapes = [list(s) for s in (event.input_shapes or []) if isinstance(s, list | tuple)]
-        k = kind(event.key, shapes)
-        seconds = event.self_cpu_time_total / 1e6
-        kinds[k] = kinds.get(k, 0.0) + seconds
-        if k == "other":
-            others[event.key] = others.get(event.key, 0.0) + seconds
-    out["profiled_s"] = kinds
+    for _ in range(profiled):
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            step()
+        kinds: dict[str, float] = {}
+        for event in prof.key_averages(group_by_input_shape=True):
+            shapes = [list(s) for s in (event.input_shapes or []) if isinstance(s, list | tuple)]
+            k = kind(event.key, shapes)
+            seconds = event.self_cpu_time_total / 1e6
+            kinds[k] = kinds.get(k, 0.0) + seconds
+            if k == "other":
+                others[event.key] = others.get(event.key, 0.0) + seconds / profiled
+        per_step.append(kinds)
+    names = sorted({k for d in per_step for k in d})
+    out["profiled_s"] = {k: statistics.median(d.get(k, 0.0) for d in per_step) for k in names}
     # what "other" holds, largest first: the page can name it
     out["other_top_s"] = dict(sorted(others.items(), key=lambda kv: -kv[1])[:8])
     del runner, model
@@ -123,12 +131,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=["floor", "LoRA:ours", "LoRA:peft"])
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--profiled", type=int, default=3, help="profiled steps per variant")
     parser.add_argument("--batch", type=int, default=causal_lm.BATCH)
     parser.add_argument("--seq", type=int, default=causal_lm.SEQ)
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args(argv)
     if args.tiny:
-        args.batch, args.seq, args.steps = 2, 16, 1
+        args.batch, args.seq, args.steps, args.profiled = 2, 16, 1, 1
     torch.set_num_threads(1)
     torch.manual_seed(0)
     started = time.perf_counter()
@@ -141,6 +150,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "batch": args.batch,
             "seq_len": args.seq,
             "steps": args.steps,
+            "profiled_steps": args.profiled,
             "rank": RANK,
             "clock": "process CPU time, torch on 1 thread; kinds: operators' own CPU time "
             "(torch.profiler) in one step",
@@ -151,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "variants": {},
     }
     for v in args.variants:
-        res["variants"][v] = measure(v, base, batch, args.steps)
+        res["variants"][v] = measure(v, base, batch, args.steps, args.profiled)
         print(v, json.dumps(res["variants"][v]), flush=True)
     res["meta"]["wall_seconds"] = round(time.perf_counter() - started, 1)
     out_dir = causal_lm.RESULTS / ("quick" if args.tiny else "")
@@ -160,8 +170,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return res
 
 
+def estimated_kinds(d: dict[str, Any]) -> dict[str, float]:
+    """Seconds of an unprofiled step by kind: each kind's share of the profiled operator time
+    times the measured step time (the profiler's own overhead then cancels, if it is spread
+    alike over the operators)."""
+    total = sum(d["profiled_s"].values()) or 1.0
+    return {k: d["step_s"] * v / total for k, v in d["profiled_s"].items()}
+
+
 def markdown_section(res: dict[str, Any]) -> list[str]:
-    """The page's section: each variant's time by phase and by kind, and LoRA's extra time over
+    """The page's section: each variant's time by phase and by kind, and its extra time over
     the floor split the same ways."""
     meta, vs = res["meta"], res["variants"]
     if "floor" not in vs:
@@ -173,34 +191,34 @@ def markdown_section(res: dict[str, Any]) -> list[str]:
         f"`python -m benchmarks.profile_causal` ({meta['model']}, batch {meta['batch']} x "
         f"{meta['seq_len']}, no checkpointing, commit `{(meta.get('commit') or 'unknown')[:10]}`"
         f", {meta['date']}): seconds per step by phase (median of {meta['steps']} steps, process "
-        "CPU time) and, from one profiled step, the operators' own CPU time by kind (matrix "
-        f"products with a rank-{meta['rank']} operand, other matrix products, elementwise "
-        "operations, the rest). The difference rows are a variant's time minus the floor's.",
+        "CPU time), and the step split by kind of operator: matrix products with a "
+        f"rank-{meta['rank']} operand, other matrix products, elementwise operations and the "
+        "rest, each its share of the operators' own CPU time under `torch.profiler` (median "
+        f"over {meta.get('profiled_steps', 1)} profiled steps) times the measured step. The "
+        "difference rows are a variant minus the floor. A single run on a shared machine: "
+        "differences of a few hundredths of a second are noise.",
         "",
         "| variant | forward | backward | optimizer | step | " + " | ".join(kinds) + " |",
         "|---|---|---|---|---|" + "---|" * len(kinds),
     ]
-    floor = vs["floor"]
+    est = {name: estimated_kinds(d) for name, d in vs.items()}
 
-    def row(label: str, d: dict[str, Any], minus: dict[str, Any] | None = None) -> str:
-        def val(section: str, key: str) -> str:
-            x = d[section].get(key, 0.0) - (minus[section].get(key, 0.0) if minus else 0.0)
-            return f"{x:+.3f}" if minus else f"{x:.3f}"
+    def row(label: str, name: str, minus: str | None = None) -> str:
+        d, m = vs[name], vs[minus] if minus else None
 
-        step = d["step_s"] - (minus["step_s"] if minus else 0.0)
-        return (
-            f"| {label} | "
-            + " | ".join(val("phases_s", k) for k in ("forward", "backward", "optimizer"))
-            + (f" | {step:+.3f} | " if minus else f" | {step:.3f} | ")
-            + " | ".join(val("profiled_s", k) for k in kinds)
-            + " |"
-        )
+        def fmt(x: float) -> str:
+            return f"{x:+.2f}" if minus else f"{x:.2f}"
 
-    for name, d in vs.items():
-        lines.append(row(name, d))
-    for name, d in vs.items():
+        phases = [d["phases_s"][k] - (m["phases_s"][k] if m else 0.0) for k in PHASES]
+        step = d["step_s"] - (m["step_s"] if m else 0.0)
+        parts = [est[name].get(k, 0.0) - (est[minus].get(k, 0.0) if minus else 0.0) for k in kinds]
+        return f"| {label} | " + " | ".join(fmt(x) for x in [*phases, step, *parts]) + " |"
+
+    for name in vs:
+        lines.append(row(name, name))
+    for name in vs:
         if name != "floor":
-            lines.append(row(f"{name} - floor", d, floor))
+            lines.append(row(f"{name} - floor", name, "floor"))
     return [*lines, ""]
 
 

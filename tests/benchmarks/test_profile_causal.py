@@ -17,10 +17,15 @@ def test_products_with_a_rank_operand_are_told_from_full_width_ones():
 
 def test_section_shows_each_variant_and_its_difference_from_the_floor():
     def variant(fwd: float, bwd: float, opt: float, rank_r: float) -> dict:
+        # profiled operator time twice the step (the profiler's overhead): shares still hold
+        step = fwd + bwd + opt
         return {
             "phases_s": {"forward": fwd, "backward": bwd, "optimizer": opt},
-            "step_s": fwd + bwd + opt,
-            "profiled_s": {"full-width products": 4.0, "rank-r products": rank_r},
+            "step_s": step,
+            "profiled_s": {
+                "full-width products": 2 * (step - rank_r),
+                "rank-r products": 2 * rank_r,
+            },
         }
 
     res = {
@@ -30,6 +35,7 @@ def test_section_shows_each_variant_and_its_difference_from_the_floor():
             "seq_len": 256,
             "steps": 3,
             "rank": 8,
+            "profiled_steps": 3,
             "commit": "abcdef123456",
             "date": "d",
         },
@@ -38,8 +44,15 @@ def test_section_shows_each_variant_and_its_difference_from_the_floor():
             "LoRA:ours": variant(2.5, 4.75, 0.25, 0.5),
         },
     }
+    assert pc.estimated_kinds(res["variants"]["LoRA:ours"]) == {
+        "full-width products": 7.0,
+        "rank-r products": 0.5,
+    }
     text = "\n".join(pc.markdown_section(res))
-    assert "| floor | 2.000 | 4.000 | 0.000 | 6.000 | 4.000 | 0.000 |" in text
-    assert "| LoRA:ours - floor | +0.500 | +0.750 | +0.250 | +1.500 | +0.000 | +0.500 |" in text
+    assert "| floor | 2.00 | 4.00 | 0.00 | 6.00 | 6.00 | 0.00 | 0.00 | 0.00 |" in text
+    assert (
+        "| LoRA:ours - floor | +0.50 | +0.75 | +0.25 | +1.50 | +1.00 | +0.50 | +0.00 | +0.00 |"
+        in text
+    )
     assert "`abcdef1234`" in text
     assert pc.markdown_section({"meta": res["meta"], "variants": {}}) == []
