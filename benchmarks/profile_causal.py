@@ -4,10 +4,11 @@ of operation (SmolLM2-135M, CPU, one thread).
     python -m benchmarks.profile_causal [--variants floor LoRA:ours LoRA:peft] [--steps 3]
     python -m benchmarks.profile_causal --tiny     # a tiny random Llama: a smoke run
 
-For each variant (built as in ``benchmarks.causal_lm``, on the same batch): the process CPU time
-of the forward (with the causal-LM loss), the backward and the optimizer step (AdamW step and
-zero_grad; the floor has none), median over ``--steps`` steps after two untimed ones; then one
-step under ``torch.profiler`` whose operators' own CPU time is summed by kind:
+For each variant (built as in ``benchmarks.causal_lm``, on the same batch, all in one process, in
+interleaved rounds shuffled anew each round): the process CPU time of the forward (with the
+causal-LM loss), the backward and the optimizer step (AdamW step and zero_grad; the floor has
+none), median over ``--steps`` rounds after two untimed steps; then ``--profiled`` rounds under
+``torch.profiler``, whose operators' own CPU time is summed by kind (median over those rounds):
 
 - ``rank-r products``: matrix products with an operand of the adapter's rank (8) as a dimension;
 - ``full-width products``: every other matrix product (the frozen layers, attention, the head);
@@ -91,46 +92,62 @@ def _phased_step(variant: str, model: torch.nn.Module, batch: dict) -> Any:
     return step
 
 
+def _kinds(prof: Any, others: dict[str, float], weight: float) -> dict[str, float]:
+    kinds: dict[str, float] = {}
+    for event in prof.key_averages(group_by_input_shape=True):
+        shapes = [list(s) for s in (event.input_shapes or []) if isinstance(s, list | tuple)]
+        k = kind(event.key, shapes)
+        seconds = event.self_cpu_time_total / 1e6
+        kinds[k] = kinds.get(k, 0.0) + seconds
+        if k == "other":
+            others[event.key] = others.get(event.key, 0.0) + seconds * weight
+    return kinds
+
+
 def measure(
-    variant: str, base: torch.nn.Module, batch: dict, steps: int, profiled: int = 3
-) -> dict[str, Any]:
-    runner = causal_lm.build(variant, base, batch, checkpointing=False)
-    model = runner.model
-    step = _phased_step(variant, model, batch)
-    for _ in range(2):
-        step()
-    phases = [step() for _ in range(steps)]
-    out: dict[str, Any] = {
-        "phases_s": {k: statistics.median(p[k] for p in phases) for k in phases[0]},
-    }
-    out["step_s"] = sum(out["phases_s"].values())
-    # several profiled steps, each summed by kind; the median per kind resists one slow step
-    per_step: list[dict[str, float]] = []
-    others: dict[str, float] = {}
-    for _ in range(profiled):
-        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-            step()
-        kinds: dict[str, float] = {}
-        for event in prof.key_averages(group_by_input_shape=True):
-            shapes = [list(s) for s in (event.input_shapes or []) if isinstance(s, list | tuple)]
-            k = kind(event.key, shapes)
-            seconds = event.self_cpu_time_total / 1e6
-            kinds[k] = kinds.get(k, 0.0) + seconds
-            if k == "other":
-                others[event.key] = others.get(event.key, 0.0) + seconds / profiled
-        per_step.append(kinds)
-    names = sorted({k for d in per_step for k in d})
-    out["profiled_s"] = {k: statistics.median(d.get(k, 0.0) for d in per_step) for k in names}
-    # what "other" holds, largest first: the page can name it
-    out["other_top_s"] = dict(sorted(others.items(), key=lambda kv: -kv[1])[:8])
-    del runner, model
+    variants: list[str], base: torch.nn.Module, batch: dict, steps: int, profiled: int = 3
+) -> dict[str, dict[str, Any]]:
+    """Every variant's phases and kinds, in interleaved rounds (each round runs every variant
+    once, in an order shuffled anew each round), so a slow phase of a shared machine touches
+    them alike: ``steps`` timed rounds, then ``profiled`` profiled ones."""
+    from benchmarks.common import round_order
+
+    stepper = {}
+    for v in variants:
+        runner = causal_lm.build(v, base, batch, checkpointing=False)
+        stepper[v] = _phased_step(v, runner.model, batch)
+        for _ in range(2):  # warm-up
+            stepper[v]()
+    phases: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+    for rep in range(steps):
+        for v in round_order(variants, rep):
+            phases[v].append(stepper[v]())
+    per_step: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+    others: dict[str, dict[str, float]] = {v: {} for v in variants}
+    for rep in range(profiled):
+        for v in round_order(variants, steps + rep):
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                stepper[v]()
+            per_step[v].append(_kinds(prof, others[v], 1 / profiled))
+    out: dict[str, dict[str, Any]] = {}
+    for v in variants:
+        med = {k: statistics.median(p[k] for p in phases[v]) for k in PHASES}
+        names = sorted({k for d in per_step[v] for k in d})
+        out[v] = {
+            "phases_s": med,
+            "step_s": sum(med.values()),
+            # the median per kind resists one slow step
+            "profiled_s": {k: statistics.median(d.get(k, 0.0) for d in per_step[v]) for k in names},
+            # what "other" holds, largest first: the page can name it
+            "other_top_s": dict(sorted(others[v].items(), key=lambda kv: -kv[1])[:8]),
+        }
     return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=["floor", "LoRA:ours", "LoRA:peft"])
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5, help="timed rounds")
     parser.add_argument("--profiled", type=int, default=3, help="profiled steps per variant")
     parser.add_argument("--batch", type=int, default=causal_lm.BATCH)
     parser.add_argument("--seq", type=int, default=causal_lm.SEQ)
@@ -160,9 +177,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "variants": {},
     }
-    for v in args.variants:
-        res["variants"][v] = measure(v, base, batch, args.steps, args.profiled)
-        print(v, json.dumps(res["variants"][v]), flush=True)
+    res["variants"] = measure(args.variants, base, batch, args.steps, args.profiled)
+    for v, d in res["variants"].items():
+        print(v, json.dumps(d), flush=True)
     res["meta"]["wall_seconds"] = round(time.perf_counter() - started, 1)
     out_dir = causal_lm.RESULTS / ("quick" if args.tiny else "")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -190,7 +207,7 @@ def markdown_section(res: dict[str, Any]) -> list[str]:
         "",
         f"`python -m benchmarks.profile_causal` ({meta['model']}, batch {meta['batch']} x "
         f"{meta['seq_len']}, no checkpointing, commit `{(meta.get('commit') or 'unknown')[:10]}`"
-        f", {meta['date']}): seconds per step by phase (median of {meta['steps']} steps, process "
+        f", {meta['date']}): seconds per step by phase (median of {meta['steps']} interleaved rounds, process "
         "CPU time), and the step split by kind of operator: matrix products with a "
         f"rank-{meta['rank']} operand, other matrix products, elementwise operations and the "
         "rest, each its share of the operators' own CPU time under `torch.profiler` (median "

@@ -117,7 +117,11 @@ def causal_report(res: dict[str, Any]) -> str:
         f"timed by {meta['clock']}; {meta['reps']} rounds of {meta['steps_per_rep']} steps, "
         f"order {meta['order']}, {meta['warmup_steps']} warm-up steps per variant; ratios are "
         "the mean [95 % t-interval] over rounds of the ratio within a round; memory is the "
-        f"median (range) of {meta['memory_repeats']} fresh-process readings. Whole run: "
+        f"median (range) of {meta['memory_repeats']} fresh-process readings of the peak-RSS "
+        "increase over the training steps, the frozen weights already resident (so a 4-bit "
+        "base's smaller weights are not in it: the QLoRA page compares the base weight bytes; "
+        "what it shows is the training-time cost of each variant). A `-nf4` row is compared "
+        "with PEFT over the same 4-bit layers, against the target of at most PEFT's. Whole run: "
         f"{meta.get('wall_seconds')} s.",
         "",
     ]
