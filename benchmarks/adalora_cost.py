@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.provenance import provenance
+from benchmarks.page_table import publish, write_between
+from benchmarks.provenance import commit_phrase, provenance
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULT = ROOT / "benchmarks" / "results" / "adalora_cost.json"
@@ -100,10 +101,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         **provenance(f"CPU, torch threads {args.threads}"),
     }
     print(table(result))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    if args.out == RESULT:
-        render(result)
+    publish(result, args.out, RESULT, render)
     return result
 
 
@@ -114,9 +112,7 @@ def table(r: dict) -> str:
         [
             f"MiniLM, {r['layers']} AdaLoRA layers (r = {r['rank']}), batch {batch} x {length} "
             f"tokens, AdamW, {r['threads']} CPU thread(s), {r['clock']}, median of {r['reps']} "
-            f"repetitions (commit `{(r.get('commit') or 'unknown')[:10]}`"
-            + (" with uncommitted changes" if r.get("dirty") else "")
-            + f", torch {r['versions']['torch']}).",
+            f"repetitions ({commit_phrase(r)}, torch {r['versions']['torch']}).",
             "",
             "| | per step |",
             "|---|---|",
@@ -133,8 +129,6 @@ def table(r: dict) -> str:
 
 
 def render(result: dict) -> None:
-    from benchmarks.page_table import write_between
-
     generator = "python -m benchmarks.adalora_cost (benchmarks/results/adalora_cost.json)"
     write_between(PAGE, "adalora-cost", generator, table(result))
 

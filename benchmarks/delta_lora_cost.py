@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import TARGET, Runner, load_base, make_batch, time_interleaved
-from benchmarks.provenance import provenance
+from benchmarks.page_table import publish, write_between
+from benchmarks.provenance import commit_phrase, provenance
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULT = ROOT / "benchmarks" / "results" / "delta_lora_cost.json"
@@ -109,10 +110,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         **provenance(f"CPU, torch threads {args.threads}"),
     }
     print(table(result))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    if args.out == RESULT:
-        render(result)
+    publish(result, args.out, RESULT, render)
     return result
 
 
@@ -122,9 +120,7 @@ def table(r: dict) -> str:
         [
             f"MiniLM, LoRA r=8 on {r['layers']} layers, batch 16 x 64, {r['threads']} CPU "
             f"thread(s), {r.get('clock', 'wall time')}, median of {r['reps']} interleaved rounds of {r.get('steps', '?')} "
-            f"steps (commit `{(r.get('commit') or 'unknown')[:10]}`"
-            + (" with uncommitted changes" if r.get("dirty") else "")
-            + f", torch {r.get('versions', {}).get('torch', '?')}).",
+            f"steps ({commit_phrase(r)}, torch {r.get('versions', {}).get('torch', '?')}).",
             "",
             "| | per step |",
             "|---|---|",
@@ -138,8 +134,6 @@ def table(r: dict) -> str:
 
 
 def render(result: dict) -> None:
-    from benchmarks.page_table import write_between
-
     generator = "python -m benchmarks.delta_lora_cost (benchmarks/results/delta_lora_cost.json)"
     write_between(PAGE, "delta-lora-cost", generator, table(result))
 

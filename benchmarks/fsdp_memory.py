@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from benchmarks.provenance import git_commit
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULT = ROOT / "benchmarks" / "results" / "fsdp_memory.json"
 STEPS = 3
@@ -121,15 +123,6 @@ def worker(kind: str, out: Path) -> None:
     trainer.fit(Module(), torch.utils.data.DataLoader(data, batch_size=1))
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def run() -> dict[str, Any]:
     import lightning
 
@@ -145,7 +138,7 @@ def run() -> dict[str, Any]:
             ]
     return {
         "meta": {
-            "commit": _commit(),
+            "commit": git_commit()["commit"] or "unknown",
             "model": "SmolLM2-135M (float32)",
             "method": "LoRA(rank=8), all-linear",
             "ranks": 2,

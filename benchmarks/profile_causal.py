@@ -33,7 +33,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks import causal_lm
-from benchmarks.provenance import provenance
+from benchmarks.provenance import commit_phrase, provenance
 
 RANK = 8  # the rank of every method in benchmarks.methods
 PHASES = ("forward", "backward", "optimizer")
@@ -206,7 +206,7 @@ def markdown_section(res: dict[str, Any]) -> list[str]:
         "### Where the time goes",
         "",
         f"`python -m benchmarks.profile_causal` ({meta['model']}, batch {meta['batch']} x "
-        f"{meta['seq_len']}, no checkpointing, commit `{(meta.get('commit') or 'unknown')[:10]}`"
+        f"{meta['seq_len']}, no checkpointing, {commit_phrase(meta)}"
         f", {meta['date']}): seconds per step by phase (median of {meta['steps']} interleaved rounds, process "
         "CPU time), and the step split by kind of operator: matrix products with a "
         f"rank-{meta['rank']} operand, other matrix products, elementwise operations and the "

@@ -56,6 +56,13 @@ def provenance(device: str) -> dict[str, Any]:
     return {**git_commit(), "device": device, "versions": versions()}
 
 
+def commit_phrase(result: dict[str, Any]) -> str:
+    """``commit `abcdef1234``` (plus " with uncommitted changes" when the checkout was dirty) for
+    a result holding ``provenance``'s fields."""
+    dirty = " with uncommitted changes" if result.get("dirty") else ""
+    return f"commit `{(result.get('commit') or 'unknown')[:10]}`{dirty}"
+
+
 def describe(records: list[dict[str, Any]]) -> str:
     """One sentence on what ``records`` were measured with, from their own fields."""
     commits = sorted({r["commit"][:10] for r in records if r.get("commit")})

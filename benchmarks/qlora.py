@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from benchmarks.provenance import commit_phrase, git_commit
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULT = ROOT / "benchmarks" / "results" / "qlora.json"
 PAGE = ROOT / "docs" / "how-to" / "qlora.md"
@@ -186,15 +188,12 @@ def run(rounds: int, batch: int, seq: int) -> dict[str, Any]:
             if peaks[ours] and peaks[peft]
             else None,
         }
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
     import bitsandbytes
     import peft
     import transformers
 
     return {
-        "commit": commit,
+        **git_commit(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "versions": {
             "torch": torch.__version__,
@@ -230,7 +229,7 @@ def table(res: dict[str, Any]) -> str:
     lines = [
         f"SmolLM2-135M, batch {s['batch']} x {s['seq']} tokens, {s['adapter']}; "
         f"{s['quantisation']}; one CPU thread, median of {s['rounds']} interleaved rounds "
-        f"(commit `{res['commit']}`, {res['date']}, bitsandbytes "
+        f"({commit_phrase(res)}, {res['date']}, bitsandbytes "
         f"{res['versions']['bitsandbytes']}, PEFT {res['versions']['peft']}).",
         "",
         "| method | library | base weights (MiB) | of float32 | step (s) | ours / PEFT step "
