@@ -14,6 +14,23 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(1)
 
 
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of every state-dict entry of ``model`` (for checking that a refusal changed
+    nothing)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_unchanged(
+    model: nn.Module, before: dict[str, torch.Tensor], equal_nan: bool = False
+) -> None:
+    """``model`` holds exactly the entries of ``before``, bit for bit (``equal_nan``: a NaN
+    equals a NaN, for models holding deliberately poisoned values)."""
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        torch.testing.assert_close(after[key], value, rtol=0, atol=0, equal_nan=equal_nan, msg=key)
+
+
 class MLP(nn.Module):
     """A plain model with two linear layers, an embedding and a head."""
 

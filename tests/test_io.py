@@ -19,7 +19,7 @@ from lightning_lowrank import (
     read_adapter,
     save_adapter,
 )
-from tests.conftest import tiny_bert, tiny_gpt2
+from tests.conftest import assert_unchanged, snapshot, tiny_bert, tiny_gpt2
 
 
 def _trained(model, method=None, targets=("query", "value")):
@@ -30,17 +30,6 @@ def _trained(model, method=None, targets=("query", "value")):
             layer.lora_A.normal_()
             layer.lora_B.normal_()
     return model
-
-
-def _snapshot(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _assert_unchanged(model, snapshot):
-    state = model.state_dict()
-    assert set(state) == set(snapshot)
-    for k, v in snapshot.items():
-        assert torch.equal(state[k], v), k
 
 
 @pytest.mark.parametrize("factory", [tiny_bert, tiny_gpt2])
@@ -146,11 +135,11 @@ def test_bad_files_raise_and_leave_model_untouched(tmp_path, case, injected):
         inject(target, LoRA(rank=2, alpha=4, scaling="rslora"), target_modules=["query", "value"])
         if case == "other_model":
             message = "different ones"
-    snapshot = _snapshot(target)
+    before = snapshot(target)
     n_layers = len(adapter_layers(target))
     with pytest.raises(ValueError, match=message):
         load_adapter(target, path)
-    _assert_unchanged(target, snapshot)
+    assert_unchanged(target, before)
     assert len(adapter_layers(target)) == n_layers
 
 

@@ -33,7 +33,7 @@ from lightning_lowrank.methods.vera import VeRA
 from lightning_lowrank.peft import PeftExportError, peft_adapter
 from lightning_lowrank.schedules.delta_lora import DeltaLoRA
 from lightning_lowrank.schedules.lora_drop import LoRADrop
-from tests.conftest import tiny_bert, tiny_gpt2
+from tests.conftest import assert_unchanged, snapshot, tiny_bert, tiny_gpt2
 
 peft = pytest.importorskip("peft")
 
@@ -553,15 +553,9 @@ def test_export_without_adapters_raises(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def _state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
 def _assert_untouched(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
     assert not adapter_layers(model)
-    after = model.state_dict()
-    assert after.keys() == before.keys()
-    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert_unchanged(model, before)
 
 
 @pytest.fixture
@@ -654,7 +648,7 @@ def _first_key(tensors, suffix):
 def test_import_errors_leave_the_model_untouched(bert_adapter, corrupt, message):
     corrupt(bert_adapter)
     model = tiny_bert()
-    before = _state(model)
+    before = snapshot(model)
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         import_peft(model, bert_adapter)
     _assert_untouched(model, before)
@@ -669,7 +663,7 @@ def test_import_refuses_a_pickled_adapter(bert_adapter):
 def test_import_into_a_model_with_adapters_raises(bert_adapter):
     model = tiny_bert()
     inject(model, LoRA(rank=2), target_modules=["key"])
-    before = _state(model)
+    before = snapshot(model)
     with pytest.raises(ValueError, match="already has adapters"):
         import_peft(model, bert_adapter)
     assert list(adapter_layers(model)) == [n for n in adapter_layers(model) if n.endswith("key")]
@@ -691,7 +685,7 @@ def test_import_into_another_model_size_raises(bert_adapter):
             num_labels=3,
         )
     )
-    before = _state(wider)
+    before = snapshot(wider)
     with pytest.raises(ValueError, match="another base model size"):
         import_peft(wider, bert_adapter)
     _assert_untouched(wider, before)

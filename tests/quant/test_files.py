@@ -18,6 +18,7 @@ from lightning_lowrank import LoRA, adapter_layers, inject, load_adapter, save_a
 from lightning_lowrank.io import read_adapter  # noqa: E402
 from lightning_lowrank.methods.base import is_quantized  # noqa: E402
 from lightning_lowrank.quant import NF4  # noqa: E402
+from tests.conftest import assert_unchanged, snapshot  # noqa: E402
 from tests.quant.helpers import TARGETS, ids, llama, quantized, randomise  # noqa: E402
 
 FROZEN = "model.layers.0.mlp.gate_proj"  # no adapter: quantized by frozen_linear=True
@@ -77,26 +78,15 @@ def test_record_is_named_from_the_root_and_quantizes_the_same_layers_elsewhere(
         assert torch.equal(fresh(input_ids=tokens).logits, model(input_ids=tokens).logits)
 
 
-def _state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _same(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
-    after = model.state_dict()
-    return after.keys() == before.keys() and all(
-        torch.equal(after[k], v) for k, v in before.items()
-    )
-
-
 def test_file_over_a_quantized_base_into_adapters_on_a_dense_base_is_refused(tmp_path):
     path = save_adapter(quantized("lora"), tmp_path / "q.safetensors")
     dense = llama()
     torch.manual_seed(0)
     inject(dense, LoRA(rank=4, alpha=8.0), target_modules=TARGETS)
-    before = _state(dense)
+    before = snapshot(dense)
     with pytest.raises(ValueError, match=r"dense base: load it into a fresh model"):
         load_adapter(dense, path)
-    assert _same(dense, before)
+    assert_unchanged(dense, before)
 
 
 @pytest.mark.parametrize(
@@ -120,10 +110,11 @@ def test_file_recording_a_layer_the_model_cannot_quantize_so_is_refused(change, 
         mlp.gate_proj = nn.Linear(48, 64, bias=False)
     else:  # blocks of 64 were recorded; 96 inputs would be quantized in blocks of 32
         mlp.down_proj = nn.Linear(96, 32, bias=False)
-    before = _state(fresh)
+    before = snapshot(fresh)
     with pytest.raises(ValueError, match=message):
         load_adapter(fresh, path)
-    assert _same(fresh, before) and not adapter_layers(fresh)
+    assert_unchanged(fresh, before)
+    assert not adapter_layers(fresh)
 
 
 @pytest.mark.parametrize(
@@ -139,12 +130,9 @@ def test_unload_refused_on_any_layer_changes_no_layer(poison, dtype):
     with torch.no_grad():
         last.lora_B.fill_(poison)
         last.lora_A.fill_(1.0)
-    before = _state(model)
+    before = snapshot(model)
     with pytest.raises(ValueError, match=rf"{names[-1]}.*non-finite.*model is unchanged"):
         unload(model, dtype=dtype)
     assert list(adapter_layers(model)) == names
     assert all(is_quantized(layer.base) for layer in adapter_layers(model).values())
-    after = model.state_dict()
-    assert after.keys() == before.keys()
-    for key, value in before.items():  # the poisoned values compare equal to themselves
-        torch.testing.assert_close(after[key], value, rtol=0, atol=0, equal_nan=True, msg=key)
+    assert_unchanged(model, before, equal_nan=True)  # the poisoned values equal themselves

@@ -18,18 +18,7 @@ from lightning_lowrank import (
     unload,
     unmerge,
 )
-from tests.conftest import MLP
-
-
-def _snapshot(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _assert_same(model, snapshot):
-    state = model.state_dict()
-    assert set(state) == set(snapshot)
-    for key, value in snapshot.items():
-        assert torch.equal(state[key], value), key
+from tests.conftest import MLP, assert_unchanged, snapshot
 
 
 def _rewrite(path, out, change):
@@ -54,22 +43,22 @@ def test_refused_sltrain_pretraining_file_keeps_the_dense_weights(tmp_path):
     fresh = MLP()
     ids = torch.randint(0, 20, (2, 5))
     out_before = fresh(ids)
-    before = _snapshot(fresh)
+    before = snapshot(fresh)
     with pytest.raises(ValueError, match="non-finite"):
         load_adapter(fresh, bad)
-    _assert_same(fresh, before)
+    assert_unchanged(fresh, before)
     assert isinstance(fresh.fc1.weight, torch.nn.Parameter)
     torch.testing.assert_close(fresh(ids), out_before, rtol=0, atol=0)
 
 
 def test_train_modules_typo_changes_nothing_and_a_corrected_retry_works():
     model = MLP()
-    before = _snapshot(model)
+    before = snapshot(model)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     with pytest.raises(ValueError, match="train_modules"):
         inject(model, LoRA(rank=2), target_modules=["fc1"], train_modules=["clasifier"])
     assert not adapter_layers(model)
-    _assert_same(model, before)
+    assert_unchanged(model, before)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     inject(model, LoRA(rank=2), target_modules=["fc1"], train_modules=["classifier"])
     assert model.classifier.weight.requires_grad and not model.fc2.weight.requires_grad
@@ -87,23 +76,23 @@ def _adapted_with_one_bad_layer():
 
 def test_merge_with_one_non_finite_layer_merges_none():
     model = _adapted_with_one_bad_layer()
-    before = _snapshot(model)
+    before = snapshot(model)
     with pytest.raises(ValueError, match="non-finite"):
         merge(model)
     assert not any(layer.merged for layer in adapter_layers(model).values())
-    _assert_same(model, before)
+    assert_unchanged(model, before)
     unmerge(model)  # nothing was merged, so nothing is subtracted
-    _assert_same(model, before)
+    assert_unchanged(model, before)
 
 
 def test_unload_with_one_non_finite_layer_unloads_none():
     model = _adapted_with_one_bad_layer()
-    before = _snapshot(model)
+    before = snapshot(model)
     with pytest.raises(ValueError, match="non-finite"):
         unload(model)
     assert set(adapter_layers(model)) == {"fc1", "fc2"}
     assert not any(layer.merged for layer in adapter_layers(model).values())
-    _assert_same(model, before)
+    assert_unchanged(model, before)
 
 
 def test_merge_into_float16_checks_after_the_cast():
@@ -115,10 +104,10 @@ def test_merge_into_float16_checks_after_the_cast():
         layer.lora_A.fill_(1.0)
         layer.lora_B.fill_(10000.0)  # delta 1e4: finite, but 7e4 overflows float16
     assert torch.isfinite(layer.delta_weight().float()).all()
-    before = _snapshot(model)
+    before = snapshot(model)
     with pytest.raises(ValueError, match="non-finite"):
         merge(model)
-    _assert_same(model, before)
+    assert_unchanged(model, before)
     assert torch.isfinite(layer.base.weight).all()
 
 
@@ -153,12 +142,12 @@ def test_import_peft_refuses_base_weights_and_changes_nothing(tmp_path, key):
 
     directory = _peft_dir(tmp_path, {key: torch.full((16, 16), 7.0)})
     model = tiny_bert()
-    before = _snapshot(model)
+    before = snapshot(model)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     with pytest.raises(ValueError, match="base weight|modules_to_save"):
         import_peft(model, directory)
     assert not adapter_layers(model)
-    _assert_same(model, before)
+    assert_unchanged(model, before)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
 
 

@@ -18,7 +18,7 @@ from lightning_lowrank import (
     unload,
     unmerge,
 )
-from tests.conftest import tiny_gpt2
+from tests.conftest import assert_unchanged, snapshot, tiny_gpt2
 
 IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
 
@@ -123,14 +123,6 @@ def _mlp_lora(alpha=4.0, **kw):
     return model
 
 
-def _snap(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _same(model, snap):
-    return all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
-
-
 def test_load_into_a_merged_model_is_refused_and_unmerge_restores_the_base(tmp_path):
     from lightning_lowrank import load_adapter, save_adapter
 
@@ -153,10 +145,10 @@ def test_load_into_adapters_built_otherwise_is_refused(tmp_path, other):
 
     path = save_adapter(_mlp_lora(alpha=4.0), tmp_path / "a.safetensors")
     model = _mlp_lora(**other)
-    before = _snap(model)
+    before = snapshot(model)
     with pytest.raises(ValueError, match="unload"):
         load_adapter(model, path)
-    assert _same(model, before)
+    assert_unchanged(model, before)
 
 
 @pytest.mark.parametrize(
@@ -181,10 +173,10 @@ def test_file_config_facts_are_not_ignored_by_existing_adapters(tmp_path, make):
     changed = {"ramp_steps": 9} if hasattr(config, "ramp_steps") else {"seed": 2}
     model = MLP()
     inject(model, replace(config, **changed), target_modules=["fc1", "fc2"])
-    before = _snap(model)
+    before = snapshot(model)
     with pytest.raises(ValueError, match="unload"):
         load_adapter(model, path)
-    assert _same(model, before)
+    assert_unchanged(model, before)
 
 
 # --- AdaLoRA ----------------------------------------------------------------------------------
