@@ -14,6 +14,7 @@ verdict rule's ``MIN_SEEDS``).
 
     python -m benchmarks.study --jobs 4                  # every study, every seed
     python -m benchmarks.study --studies singlora --seeds 0
+    python -m benchmarks.study --studies methods --only "config=LoRA r=2" "config=AdaLoRA 3 -> 2"
 
 The runs take minutes each on a CPU and seconds on a GPU (``--accelerator`` picks; the default
 ``auto`` takes a GPU when there is one). Not in CI.
@@ -279,6 +280,39 @@ def stored_runs(doc: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:
     return kept, len(runs) - len(kept)
 
 
+def parse_only(pairs: Iterable[str]) -> dict[str, set[str]]:
+    """``--only`` arguments (``FIELD=VALUE``, repeatable) as ``{field: {values}}``; a field given
+    twice accepts either value."""
+    only: dict[str, set[str]] = {}
+    for pair in pairs:
+        field, sep, value = pair.partition("=")
+        if not sep or not field:
+            raise SystemExit(
+                f"--only takes FIELD=VALUE (config=LoRA r=2, kind=memory), not {pair!r}"
+            )
+        only.setdefault(field, set()).add(value)
+    return only
+
+
+def selected(task: dict[str, Any], only: dict[str, set[str]]) -> bool:
+    """Whether ``task`` matches every field of ``only`` (values compared as text)."""
+    return all(str(task.get(field)) in values for field, values in only.items())
+
+
+def check_only(only: dict[str, set[str]], tasks: list[dict[str, Any]]) -> None:
+    """Refuse an ``--only`` value that no task of the chosen studies has (a typo would otherwise
+    select nothing and report 0 runs to do), naming the values there are."""
+    for field, values in only.items():
+        have = sorted({str(t[field]) for t in tasks if field in t})
+        missing = sorted(values - set(have))
+        if missing:
+            raise SystemExit(
+                f"--only {field}=: no task of these studies has {field} "
+                + ", ".join(repr(v) for v in missing)
+                + (f"; there are {', '.join(repr(v) for v in have)}" if have else "")
+            )
+
+
 def _load(name: str) -> Study:
     return importlib.import_module(f"benchmarks.study_{name}").STUDY
 
@@ -319,14 +353,24 @@ def main(argv: list[str] | None = None, studies: Iterable[str] = STUDIES) -> Non
     parser.add_argument("--accelerator", default="auto", help="cpu, gpu or auto")
     parser.add_argument("--rerun", action="store_true", help="run again tasks already done")
     parser.add_argument(
+        "--only",
+        nargs="+",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="only the tasks whose FIELD is VALUE, e.g. --only 'config=LoRA r=2' kind=memory "
+        "(a field given twice takes either value)",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="a few steps per run, to check that it all works"
     )
     args = parser.parse_args(argv)
     if args.quick:  # before the study modules are imported here and in the workers
         os.environ[QUICK_ENV] = "1"
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    only = parse_only(args.only)
 
     loaded = {name: _load(name) for name in args.studies}
+    check_only(only, [t for study in loaded.values() for t in study.tasks(args.seeds)])
     records: dict[str, list[dict[str, Any]]] = {}
     todo: list[tuple[str, dict[str, Any]]] = []
     per_study: dict[str, list[dict[str, Any]]] = {}
@@ -344,7 +388,7 @@ def main(argv: list[str] | None = None, studies: Iterable[str] = STUDIES) -> Non
         per_study[name] = [
             {**t, "accelerator": args.accelerator}
             for t in study.tasks(args.seeds)
-            if args.rerun or tuple(t.get(k) for k in study.key) not in done
+            if selected(t, only) and (args.rerun or tuple(t.get(k) for k in study.key) not in done)
         ]
     # seed-major, studies interleaved: a study cut short has every config for its first seeds
     for seed in args.seeds:

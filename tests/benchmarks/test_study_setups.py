@@ -119,3 +119,20 @@ def test_runs_without_a_commit_do_not_join_new_ones():
         ("a", 1, "CPU"),
         ("b", 0, "GPU"),
     ]
+
+
+def test_only_selects_tasks_by_field_and_refuses_unknown_values():
+    from benchmarks import study_methods
+    from benchmarks.study_common import check_only, parse_only, selected
+
+    tasks = study_methods.tasks(range(5))
+    only = parse_only(["config=LoRA r=2", "config=AdaLoRA 3 -> 2", "seed=0"])
+    picked = [t for t in tasks if selected(t, only)]
+    assert {(t["config"], t["seed"]) for t in picked} == {("LoRA r=2", 0), ("AdaLoRA 3 -> 2", 0)}
+    check_only(only, tasks)  # every value exists
+    with pytest.raises(SystemExit, match="'LoRA r=3'.*'LoRA r=2'"):
+        check_only(parse_only(["config=LoRA r=3"]), tasks)
+    with pytest.raises(SystemExit, match="no task of these studies has kind"):
+        check_only(parse_only(["kind=memory"]), tasks)
+    with pytest.raises(SystemExit, match="FIELD=VALUE"):
+        parse_only(["config"])
