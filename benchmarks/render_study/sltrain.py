@@ -79,7 +79,7 @@ def _memory_lines(runs: Runs) -> list[str]:
 def sltrain_section(study: dict[str, Any]) -> list[str]:
     runs = study["runs"]
     train = _training(runs)
-    plot_sltrain(study, ASSETS / "study_sltrain.png")
+    plot = ASSETS / "study_sltrain.png"
     m = study["model"]
     grids = study["learning_rates"]
     grid_text = "; ".join(
@@ -97,6 +97,17 @@ def sltrain_section(study: dict[str, Any]) -> list[str]:
         f"{study['rank']}, sparse density {study['density']}, learning rates: {grid_text}. Each "
         "variant's best rate has the lowest mean held-out loss.",
     )
+    if not train:  # the memory tasks ran, the pre-training runs not yet: nothing to plot or judge
+        plot.unlink(missing_ok=True)
+        return (
+            lines
+            + [
+                "No pre-training runs yet, so nothing is claimed about perplexity "
+                "(`python -m benchmarks.study --studies sltrain --only kind=train`)."
+            ]
+            + _memory_lines(runs)
+        )
+    plot_sltrain(study, plot)
     lines += [
         "![held-out loss curves](assets/study_sltrain.png)",
         "",

@@ -169,3 +169,35 @@ def test_method_section_states_the_rule_from_the_constants(monkeypatch):
     monkeypatch.setattr(common, "MIN_SEEDS", 7)
     text = " ".join(common.method_lines())
     assert "fewer than 7 seeds" in text and "95% Student-t interval" in text
+
+
+def test_sltrain_memory_without_pretraining_runs_claims_nothing(monkeypatch, tmp_path):
+    from benchmarks.render_study.sltrain import sltrain_section
+
+    monkeypatch.setattr("benchmarks.render_study.sltrain.ASSETS", tmp_path)
+    stale = tmp_path / "study_sltrain.png"
+    stale.write_bytes(b"old plot")
+    memory = {
+        "memory_model": {"width": 8, "layers": 1, "heads": 1, "seq": 4, "batch": 1, "rank": 2}
+    }
+    fields = ("weights_mib", "gradients_mib", "optimizer_state_mib", "static_mib")
+    runs = [
+        {**STAMP, **memory, "config": c, "lr": None, "seed": 0, "kind": "memory",
+         **dict.fromkeys(fields, size), "saved_for_backward_mib": 1.0, "peak_mib": 2 * size,
+         "peak_source": "CPU peak RSS increase"}
+        for c, size in (("full rank", 4.0), ("SLTrain", 2.0))
+    ]  # fmt: skip
+    study = {
+        "runs": runs,
+        "model": {"layers": 1, "width": 8, "heads": 1, "seq": 4},
+        "learning_rates": {"SLTrain": [1e-3]},
+        "steps": 2,
+        "batch_size": 1,
+        "rank": 2,
+        "density": 0.03,
+    }
+    text = "\n".join(sltrain_section(study))
+    assert "No pre-training runs yet" in text
+    assert "study_sltrain.png" not in text and not stale.exists()  # no plot of nothing
+    assert "verdict" not in text and "**" not in text
+    assert "SLTrain against full rank: static memory 0.50x, measured peak 0.50x" in text
