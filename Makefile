@@ -111,10 +111,12 @@ bench: $(VENV)/.all-installed fortunes
 
 # SmolLM2-135M causal LM on CPU (batch 4 x 256): against the floor and PEFT, with and without
 # gradient checkpointing, plus LoRA and DoRA over a 4-bit base (ours and PEFT's); then where
-# the time of a LoRA step over the floor goes (benchmarks.profile_causal)
+# the time of a LoRA step over the floor goes (benchmarks.profile_causal) and what the rank-r
+# products cost alone (benchmarks.rank_products)
 bench-causal: $(VENV)/.all-installed
 	$(BIN)/python -m benchmarks.causal_lm --quant $(ARGS)
 	$(BIN)/python -m benchmarks.profile_causal
+	$(BIN)/python -m benchmarks.rank_products
 	$(BIN)/python -m benchmarks.render
 
 # QLoRA on CPU: ours against PEFT over bitsandbytes' 4-bit base (SmolLM2-135M); rewrites the

@@ -188,6 +188,11 @@ def causal_lines() -> list[str]:
         from benchmarks.profile_causal import markdown_section
 
         lines += markdown_section(json.loads(profiled.read_text()))
+    products = RESULTS / "rank_products.json"
+    if products.exists():
+        from benchmarks.rank_products import markdown_section as products_section
+
+        lines += products_section(json.loads(products.read_text()))
     return lines
 
 

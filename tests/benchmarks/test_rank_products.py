@@ -1,0 +1,69 @@
+"""The rank-r product timing: the two layouts compute the same products, the per-step count
+follows the model, and the page's sentence follows the numbers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks import rank_products as rp
+
+
+def test_layouts_compute_the_same_products():
+    torch.set_default_dtype(torch.float64)
+    try:
+        options = rp.layouts(tokens=12, n_in=10, n_out=6, r=3)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert set(options) == set(rp.PRODUCTS)
+    for product, fns in options.items():
+        if len(fns) == 2:
+            fused, plain = fns["fused"](), fns["plain"]()
+            if product in ("A x", "B^T g"):  # the fused pass keeps these as (r, T)
+                fused = fused.t()
+            assert fused.shape == plain.shape, product
+            torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-12)
+    shapes = {p: tuple(fns["fused"]().shape) for p, fns in options.items()}
+    assert shapes == {
+        "A x": (3, 12),  # (r, T): the transpose of x A^T
+        "into output": (12, 6),
+        "B^T g": (3, 12),
+        "into input gradient": (12, 10),
+        "gradient of A": (3, 10),
+        "gradient of B": (6, 3),
+    }
+
+
+def test_projection_widths_and_per_step_counts():
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=3,
+    )  # fmt: skip
+    widths = rp.projections(config)
+    assert widths["k_proj"] == (64, 32) and widths["down_proj"] == (160, 64)
+    projs = rp.measure(config, tokens=8, repeats=1, inner=1)
+    assert projs["q_proj"]["count"]["into input gradient"] == 2  # not the first layer's
+    assert projs["o_proj"]["count"]["into input gradient"] == 3
+    one = {"A x": {"fused": 2.0, "plain": 1.0}, "into output": {"fused": 1.0}}
+    fake = {"p": {"seconds": one, "count": {"A x": 3, "into output": 2}}}
+    assert rp.per_step(fake) == pytest.approx(3 * 1.0 + 2 * 1.0)  # the faster layout
+    assert rp.per_step(fake, "fused") == pytest.approx(3 * 2.0 + 2 * 1.0)
+
+
+@pytest.mark.parametrize("products, verdict", [(0.8, "can meet"), (0.2, "to spare")])
+def test_sentence_follows_the_numbers(products, verdict):
+    one = {p: {"fused": products / 6} for p in rp.PRODUCTS}
+    res = {
+        "meta": {"model": "m", "layers": 1, "batch": 1, "seq_len": 1, "rank": 8, "repeats": 1,
+                 "commit": "abcdef123456", "dirty": False, "date": "d"},
+        "floor_step_s": 10.0,
+        "projections": {"q_proj": {"in": 4, "out": 4, "seconds": one, "count": dict.fromkeys(one, 1)}},
+        "per_step_s": {"best": products, "fused": products},
+    }  # fmt: skip
+    text = "\n".join(rp.markdown_section(res))
+    assert f"{products / 10:.1%} of the floor" in text
+    assert "leaves 0.50 s" in text  # 1.05 floors of a 10 s floor
+    assert verdict in text
+    assert ("no" if products > 0.5 else "fit in it") in text
