@@ -12,13 +12,16 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+#: where the benchmarks write their results, relative to ROOT
+RESULTS = "benchmarks/results"
 
 
 def git_commit(root: Path = ROOT) -> dict[str, Any]:
     """``{"commit": sha or None, "dirty": bool or None}`` of the checkout at ``root``.
 
-    ``dirty`` is ``True`` when tracked files differ from the commit (the result may not be
-    reproducible from the commit alone). Outside a git checkout both are ``None``.
+    ``dirty`` is ``True`` when tracked files other than the result files
+    (``benchmarks/results/``) differ from the commit (the result may not be reproducible from
+    the commit alone). Outside a git checkout both are ``None``.
     """
 
     def git(*args: str) -> str | None:
@@ -33,7 +36,9 @@ def git_commit(root: Path = ROOT) -> dict[str, Any]:
     commit = git("rev-parse", "HEAD")
     if commit is None:
         return {"commit": None, "dirty": None}
-    status = git("status", "--porcelain", "--untracked-files=no")
+    # the result files are what runs write, not what they run: a resumed study's own result
+    # file, changed by its first runs, does not make the later ones "dirty"
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", f":(exclude){RESULTS}")
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 

@@ -201,3 +201,22 @@ def test_sltrain_memory_without_pretraining_runs_claims_nothing(monkeypatch, tmp
     assert "study_sltrain.png" not in text and not stale.exists()  # no plot of nothing
     assert "verdict" not in text and "**" not in text
     assert "SLTrain against full rank: static memory 0.50x, measured peak 0.50x" in text
+
+
+def test_changed_result_files_do_not_make_a_checkout_dirty(tmp_path):
+    import subprocess
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "study.json").write_text("{}")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    assert git_commit(tmp_path)["dirty"] is False
+    (tmp_path / "benchmarks" / "results" / "study.json").write_text('{"runs": []}')
+    assert git_commit(tmp_path)["dirty"] is False  # a resumed study's own output
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_commit(tmp_path)["dirty"] is True
