@@ -105,6 +105,12 @@ def intruder_section(study: dict[str, Any]) -> list[str]:
                     "greater",
                 )
             )
+        else:
+            missing = [n for n, rs in ((c, lora), ("full fine-tuning", full)) if not rs]
+            lines.append(
+                f"- LoRA introduces intruder dimensions that full fine-tuning does not ({c}): "
+                f"not compared, no runs of {', '.join(missing)} in the result file."
+            )
     lora64, rs64 = pick(runs, config="LoRA r=64"), pick(runs, config="rsLoRA r=64")
     if lora64 and rs64:
         target = mean([r["val_loss"] for r in lora64])

@@ -220,3 +220,33 @@ def test_changed_result_files_do_not_make_a_checkout_dirty(tmp_path):
     assert git_commit(tmp_path)["dirty"] is False  # a resumed study's own output
     (tmp_path / "code.py").write_text("x = 2\n")
     assert git_commit(tmp_path)["dirty"] is True
+
+
+def _intruder_study(configs: tuple[str, ...]) -> dict:
+    runs = []
+    for s in range(5):
+        for c in configs:
+            count = 0 if c == "full fine-tuning" else 3 + s % 2  # LoRA: 3-4 intruders per seed
+            runs.append(
+                {**STAMP, "config": c, "lr": 1e-3, "seed": s, "layers": 36, "val_loss": 0.1,
+                 "val_acc": 0.9, "mean_delta_effective_rank": 1.0, "update_norm_ratio": 0.05,
+                 "intruders_by_epsilon": {"0.5": count, "0.7": 2 * count}}
+            )  # fmt: skip
+    return {"runs": runs, "steps": 3, "batch_size": 2, "max_length": 8, "k": 10,
+            "epsilons": [0.5, 0.7]}  # fmt: skip
+
+
+def test_intruder_claims_are_judged_or_named_as_not_compared(monkeypatch, tmp_path):
+    from benchmarks.render_study.intruders import intruder_section
+
+    monkeypatch.setattr("benchmarks.render_study.intruders.ASSETS", tmp_path)
+    lines = intruder_section(_intruder_study(("LoRA r=1", "LoRA r=8", "full fine-tuning")))
+    for c in ("LoRA r=1", "LoRA r=8"):
+        line = next(x for x in lines if x.startswith("- LoRA introduces") and f"{c} (lr" in x)
+        assert "**reproduced**" in line and "mean +3.4" in line
+    lines = intruder_section(_intruder_study(("LoRA r=1", "LoRA r=8")))
+    missing = [x for x in lines if x.startswith("- LoRA introduces")]
+    assert len(missing) == 2 and all(
+        "not compared, no runs of full fine-tuning" in x for x in missing
+    )
+    assert any("no runs of LoRA r=64, rsLoRA r=64" in x for x in lines)
