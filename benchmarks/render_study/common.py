@@ -199,12 +199,33 @@ def load(name: str) -> dict[str, Any] | None:
     return normalise(json.loads(path.read_text())) if path.exists() else None
 
 
+def progress(name: str, runs: Runs) -> str:
+    """How much of the study's plan (its tasks for the default seeds) the file holds under the
+    verdict method (records with a commit), and how long one of those runs trained (the
+    median): what finishing it would take."""
+    import importlib
+
+    from benchmarks.study_common import DEFAULT_SEEDS
+
+    study = importlib.import_module(f"benchmarks.study_{name}").STUDY
+    planned = {tuple(t.get(k) for k in study.key) for t in study.tasks(DEFAULT_SEEDS)}
+    current = [r for r in runs if r.get("commit")]  # records that predate the method do not count
+    done = planned & {tuple(r.get(k) for k in study.key) for r in current}
+    seeds = f"seeds {DEFAULT_SEEDS[0]}-{DEFAULT_SEEDS[-1]}"
+    text = f"{len(done)} of the {len(planned)} planned runs ({seeds}) have run under this method"
+    seconds = [r["train_seconds"] for r in current if r.get("train_seconds") is not None]
+    if seconds:
+        text += f"; a run trained for {statistics.median(seconds):.0f} s (median)"
+    return text + "."
+
+
 def header(title: str, study: dict[str, Any], name: str, setting: str) -> list[str]:
     return [
         f"## {title}",
         "",
         setting,
-        f"Ran on {devices(study)}; re-run with {rerun(name)}. {describe(study['runs'])}",
+        f"Ran on {devices(study)}; re-run with {rerun(name)}. {describe(study['runs'])} "
+        + progress(name, study["runs"]),
         "",
     ]
 

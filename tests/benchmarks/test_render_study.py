@@ -250,3 +250,15 @@ def test_intruder_claims_are_judged_or_named_as_not_compared(monkeypatch, tmp_pa
         "not compared, no runs of full fine-tuning" in x for x in missing
     )
     assert any("no runs of LoRA r=64, rsLoRA r=64" in x for x in lines)
+
+
+def test_progress_counts_planned_runs_under_the_method_only():
+    runs = [
+        {**STAMP, "config": "LoRA r=1", "lr": 1e-3, "seed": 0, "train_seconds": 500.0},
+        {**STAMP, "config": "LoRA r=8", "lr": 1e-3, "seed": 4, "train_seconds": 700.0},
+        {**STAMP, "config": "LoRA r=8", "lr": 1e-3, "seed": 9, "train_seconds": 900.0},  # unplanned
+        {"config": "LoRA r=8", "lr": 1e-3, "seed": 1, "train_seconds": 10.0},  # predates it
+    ]
+    text = common.progress("intruders", runs)
+    assert text.startswith("2 of the 35 planned runs (seeds 0-4)")
+    assert "700 s (median)" in text
