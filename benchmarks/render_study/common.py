@@ -127,7 +127,8 @@ def method_lines() -> list[str]:
         "",
         "Re-run: `python -m benchmarks.study --studies NAME [NAME ...] --jobs 4` (resumable: "
         "finished runs are kept; the default seeds are "
-        f"0-{MIN_SEEDS - 1}), then `python -m benchmarks.render`; "
+        f"0-{MIN_SEEDS - 1}; `--only FIELD=VALUE` runs part of a study, say one comparison: "
+        "`--only 'config=LoRA r=2' 'config=AdaLoRA 3 -> 2'`), then `python -m benchmarks.render`; "
         "`python -m benchmarks.study --quick --seeds 0` checks that every study runs (its "
         "results go to `benchmarks/results/quick/`, never to the page).",
         "",
