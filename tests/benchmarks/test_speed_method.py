@@ -107,3 +107,26 @@ def test_callback_overhead_runs_both_sides_on_a_tiny_model():
     }
     out = speed.bench_callback(base, batch, reps=2, steps=3)
     assert out["fit_seconds"] > 0 and out["loop_seconds"] > 0
+
+
+def test_inference_table_judges_unmerged_lora_against_its_target():
+    from benchmarks.report import inference_table
+
+    def ratio(low: float, high: float) -> dict:
+        return {"ratio_mean": (low + high) / 2, "ratio_low": low, "ratio_high": high}
+
+    res = {
+        "targets": {"unmerged_inference_lora": 1.10},
+        "inference": {
+            "base_seconds": 0.2,
+            "methods": {
+                "LoRA": {"unmerged": ratio(1.02, 1.08), "merged": ratio(0.99, 1.01)},
+                "DoRA": {"unmerged": ratio(1.15, 1.25), "merged": ratio(0.99, 1.01)},
+            },
+        },
+    }
+    rows = {line.split(" | ")[0]: line for line in inference_table(res).splitlines()}
+    assert "<= 1.10 (yes)" in rows["| LoRA"]
+    assert "<= 1.10" not in rows["| DoRA"]  # the target is LoRA's alone
+    res["inference"]["methods"]["LoRA"]["unmerged"] = ratio(1.12, 1.20)
+    assert "<= 1.10 (**no**)" in inference_table(res)
