@@ -12,7 +12,12 @@ for LoRA, AdaLoRA (``B = P diag(lambda)``) and SingLoRA (``f = 1``), and DoRA (`
 a constant in backward); ``x'`` is the adapter's (possibly dropped-out) input. The adapter's
 product is added in place into the base output, and the input gradient is accumulated in place:
 ``dx = g_z W0 + s (g_z B) A``. Only the tensors a gradient needs are saved: with A frozen
-(LoRA-FA) the input is not kept, only ``x' A^T``. VeRA's effective-weight pass (``VeRALinear``)
+(LoRA-FA) the input is not kept, only ``x' A^T``. DoRA's factor needs ``sum_t g * z`` (z is the
+bracket above): with no bias and no zero in ``f``, on a CPU, ``z`` is scaled into ``y`` in place
+and recovered in backward as ``y / f`` instead of being kept beside ``y``; ``y`` is what the
+next operation usually keeps anyway, so one ``(tokens, out)`` tensor per layer is saved rather
+than two. An in-place change of such a layer's output after it is then refused in backward,
+with a message naming the fix. VeRA's effective-weight pass (``VeRALinear``)
 is VeRA-only and lives in ``methods/vera.py``; it shares ``fusable`` with this one.
 
 It is an exact rewrite (the same sums in another order); ``tests/methods/test_fused.py`` checks values and
@@ -63,6 +68,7 @@ class AutogradCtx(Protocol):
 class _LowRankCtx(AutogradCtx, Protocol):
     same: bool
     scale: float
+    from_output: bool
 
 
 def _plain_forward(base: nn.Module) -> bool:
@@ -89,6 +95,16 @@ def _global_hooks() -> bool:
         or module._global_backward_hooks
         or module._global_backward_pre_hooks
     )
+
+
+def _recoverable(factor: Tensor, bias: Tensor | None) -> bool:
+    """Whether ``z`` is recovered exactly enough from ``y = f * z`` for the factor's gradient:
+    no bias (``y - bias`` would lose the digits a large bias holds) and no zero in ``f``. The
+    zero check reads the factor on the host, free on a CPU; on an accelerator it would stall the
+    device once per layer, so there ``z`` is kept as before."""
+    if bias is not None or factor.device.type != "cpu":
+        return False
+    return bool(factor.ne(0).all())
 
 
 def rows(t: Tensor) -> Tensor:
@@ -120,16 +136,31 @@ class LowRankLinear(torch.autograd.Function):
         same = x_adapter is None
         x2 = rows(x)
         xa2 = x2 if x_adapter is None else rows(x_adapter)
+        # the result is allocated in the output's shape and filled through a 2-D view of it, so
+        # what the Function returns is not a view: a following in-place op (nn.ReLU(inplace=True))
+        # is then allowed, as after a plain nn.Linear
+        out = x2.new_empty(*x.shape[:-1], w0.shape[0])
+        z = out.view(-1, w0.shape[0])
         # the bias goes in with the base matmul unless the factor must scale z without it
-        z = x2 @ w0.t() if bias is None or factor is not None else torch.addmm(bias, x2, w0.t())
+        if bias is None or factor is not None:
+            torch.mm(x2, w0.t(), out=z)
+        else:
+            torch.addmm(bias, x2, w0.t(), out=z)
         # u = x' A^T, computed as (A x'^T)^T: the same numbers, faster for a narrow A on CPU BLAS
         u_t = a @ xa2.t()
         z.addmm_(u_t.t(), b.t(), alpha=scale)
-        if factor is None:
-            y, kept_z = z, None
-        else:
-            y = z * factor if bias is None else torch.addcmul(bias, z, factor)
-            kept_z = z if needs[7] else None
+        ctx.from_output = False
+        kept = None
+        if factor is not None:
+            ctx.from_output = needs[7] and _recoverable(factor, bias)
+            if ctx.from_output:
+                # the factor's gradient, sum_t g * z, is recovered from the output (z = y / f):
+                # z is scaled in place and not kept, so the only (T, out) tensor kept is y,
+                # which the next operation often keeps anyway (an activation, a product)
+                z.mul_(factor)
+            else:
+                kept = z if needs[7] else None
+                out = out * factor if bias is None else torch.addcmul(bias, out, factor)
         ctx.same, ctx.scale = same, scale
         ctx.save_for_backward(
             x2 if needs[2] else None,  # W0's gradient (a base left trainable)
@@ -139,17 +170,31 @@ class LowRankLinear(torch.autograd.Function):
             a,
             b,
             factor,
-            kept_z,
+            out if ctx.from_output else kept,
         )
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: _LowRankCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x2, xa2, u_t, w0, a, b, factor, z = ctx.saved_tensors
+        try:
+            x2, xa2, u_t, w0, a, b, factor, kept = ctx.saved_tensors
+        except RuntimeError as err:
+            if not ctx.from_output or "inplace" not in str(err):
+                raise
+            raise RuntimeError(
+                "an operation after a DoRA layer changed the layer's output in place (for "
+                "example nn.ReLU(inplace=True) or a `+=` on it); DoRA's fused pass keeps that "
+                "output for the magnitude's gradient, so make the operation out of place"
+            ) from err
         needs = ctx.needs_input_grad
         g = rows(grad)
-        g_factor = (g * z).sum(0) if needs[7] else None
+        if not needs[7]:
+            g_factor = None
+        elif ctx.from_output:  # kept is y = f * z (see forward): sum_t g * z = sum_t g * y / f
+            g_factor = (g * rows(kept)).sum(0).div_(factor)
+        else:
+            g_factor = (g * kept).sum(0)
         gz = g if factor is None else g * factor
         gx = gxa = None
         if needs[0] or needs[1] or needs[4]:

@@ -380,3 +380,115 @@ def test_torch_compile_traces_the_fused_pass(kind):
     compiled = _loss_and_grads(compiled_model, x, lambda m, t: m(t))
     for got, want in zip(compiled, eager, strict=True):
         torch.testing.assert_close(got, want, **TOL)
+
+
+# --- DoRA: the factor's gradient from the output ----------------------------------------------
+def _saved_storages(fn):
+    """``fn()`` and the storage pointers of every tensor autograd saved while it ran."""
+    ptrs = []
+
+    def pack(t):
+        ptrs.append(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, ptrs
+
+
+def _dora_formula_grads(layer, x, gy):
+    """Gradients of x, m, A, B through the paper's formula (plain autograd, norm detached)."""
+    x = x.detach().clone().requires_grad_(True)
+    m, a, b = (
+        p.detach().clone().requires_grad_(True)
+        for p in (layer.magnitude, layer.lora_A, layer.lora_B)
+    )
+    w0, s = layer.base.weight, layer.scale
+    z = x @ w0.T + s * (x @ a.T) @ b.T
+    y = (m / torch.linalg.vector_norm(w0 + s * b @ a, dim=1).detach()) * z
+    if layer.base.bias is not None:
+        y = y + layer.base.bias
+    y.backward(gy)
+    return [x.grad, m.grad, a.grad, b.grad]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("zero_magnitude", [False, True])
+def test_dora_keeps_its_output_rather_than_a_second_copy_when_exact(bias, zero_magnitude):
+    layer = DoRALayer(_base(out=10, inp=6, bias=bias), DoRA(rank=3, alpha=5.0))
+    _randomise(layer)
+    if zero_magnitude:  # z cannot be recovered from f * z there: z is kept instead
+        with torch.no_grad():
+            layer.magnitude[3] = 0.0
+    x = torch.randn(7, 6, dtype=D, requires_grad=True)
+    y, ptrs = _saved_storages(lambda: layer(x))
+    from_output = not bias and not zero_magnitude
+    assert (y.untyped_storage().data_ptr() in ptrs) == from_output
+    assert len(ptrs) == len(set(ptrs))  # one (tokens, out) tensor, never y and z both
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    got = [x.grad, layer.magnitude.grad, layer.lora_A.grad, layer.lora_B.grad]
+    for g, w in zip(got, _dora_formula_grads(layer, x, gy), strict=True):
+        torch.testing.assert_close(g, w, **TOL)
+    assert torch.isfinite(layer.magnitude.grad).all()
+
+
+def test_dora_output_changed_in_place_is_refused_with_the_fix():
+    layer = DoRALayer(_base(out=10, inp=6, bias=False), DoRA(rank=3, alpha=5.0))
+    _randomise(layer)
+    y = layer(torch.randn(7, 6, dtype=D, requires_grad=True))
+    nn.ReLU(inplace=True)(y)
+    with pytest.raises(RuntimeError, match="changed the layer's output in place.*out of place"):
+        y.sum().backward()
+    # with a bias z is kept, and the in-place change is fine, as for every other layer
+    layer = DoRALayer(_base(out=10, inp=6, bias=True), DoRA(rank=3, alpha=5.0))
+    y = layer(torch.randn(7, 6, dtype=D, requires_grad=True))
+    nn.ReLU(inplace=True)(y).sum().backward()
+    assert layer.magnitude.grad is not None
+
+
+def test_dora_saves_less_for_backward_in_a_llama(monkeypatch):
+    from benchmarks.tensor_bytes import saved_tensor_bytes
+    from lightning_lowrank import inject
+    from lightning_lowrank.methods import fused
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama(hidden_size=32, intermediate_size=64).train()
+    inject(model, DoRA(rank=4), target_modules=r".*(q|k|v|o|gate|up|down)_proj")
+    ids = torch.randint(0, 64, (2, 16))
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    kept_output = saved_tensor_bytes(lambda: model(input_ids=ids).logits.sum(), exclude=frozen)
+    monkeypatch.setattr(fused, "_recoverable", lambda factor, bias: False)
+    kept_z = saved_tensor_bytes(lambda: model(input_ids=ids).logits.sum(), exclude=frozen)
+    # the gate and up outputs are kept anyway, by the activation and by the product: recovering
+    # z from them frees those layers' z (Llama's projections have no bias)
+    tokens, inter, layers = 32, 64, 2
+    freed = layers * 2 * tokens * inter * 4  # gate and up, float32
+    assert kept_z - kept_output >= freed
+
+
+@pytest.mark.parametrize("shape", [(7, 6), (2, 7, 6)])
+@pytest.mark.parametrize("kind", ["lora", "dora_with_bias"])
+def test_an_in_place_op_after_a_fused_layer_is_allowed(kind, shape):
+    # the fused pass returns a tensor of its own, not a view: nn.ReLU(inplace=True) after it
+    # works as after a plain nn.Linear (it used to be refused as a view modified in place)
+    if kind == "lora":
+        layer = LoRALayer(_base(out=10, inp=6), LoRA(rank=3, alpha=5.0))
+    else:
+        layer = DoRALayer(_base(out=10, inp=6, bias=True), DoRA(rank=3, alpha=5.0))
+    _randomise(layer)
+    x = torch.randn(*shape, dtype=D, requires_grad=True)
+    y = layer(x)
+    assert y._base is None
+    gy = torch.randn_like(y)
+    want = y.detach().clamp_min(0)
+    nn.ReLU(inplace=True)(y).backward(gy)
+    params = [x] + [p for p in layer.parameters() if p.requires_grad]
+    got = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    ref = F.relu(layer(x))  # the out-of-place reference
+    torch.testing.assert_close(ref, want, **TOL)
+    ref.backward(gy)
+    for g, p in zip(got, params, strict=True):
+        torch.testing.assert_close(g, p.grad, **TOL)
