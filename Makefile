@@ -10,7 +10,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test lint unit notebooks docs serve-docs bench bench-causal bench-qlora format clean fortunes \
+.PHONY: demo test lint unit notebooks docs serve-docs bench bench-causal bench-causal-targets bench-qlora format clean fortunes \
 	chromium browser-check publish-docs docs-versions docs-screenshots
 
 $(BIN)/python:
@@ -113,6 +113,13 @@ bench: $(VENV)/.all-installed fortunes
 # gradient checkpointing, plus LoRA and DoRA over a 4-bit base (ours and PEFT's); then where
 # the time of a LoRA step over the floor goes (benchmarks.profile_causal) and what the rank-r
 # products cost alone (benchmarks.rank_products)
+# the methods with targets alone (LoRA and DoRA, with the 4-bit rows), without checkpointing:
+# a shorter run beside the full one, in its own result file
+bench-causal-targets: $(VENV)/.all-installed
+	$(BIN)/python -m benchmarks.causal_lm --methods LoRA DoRA --quant --checkpointing off \
+		--name causal_lm_targets $(ARGS)
+	$(BIN)/python -m benchmarks.render
+
 bench-causal: $(VENV)/.all-installed
 	$(BIN)/python -m benchmarks.causal_lm --quant $(ARGS)
 	$(BIN)/python -m benchmarks.profile_causal

@@ -20,6 +20,9 @@ otherwise.
 
 Writes ``benchmarks/results/causal_lm.json`` (``--tiny`` and ``--quick`` write under
 ``benchmarks/results/quick/``); ``python -m benchmarks.render`` adds it to the Benchmarks page.
+``--name causal_lm_targets`` writes a second file for a run of the methods with targets alone
+(``make bench-causal-targets``: LoRA and DoRA, with the 4-bit rows), shown beside the full run
+with its own commit.
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ TINY = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 160, "layers"
 MODES = {"off": False, "on": True}
 CLOCK = time.process_time
 
+#: result files: every method, and a later run of the methods with targets alone
+RESULT_NAMES = ("causal_lm", "causal_lm_targets")
 #: the issue's targets for SmolLM2-135M (DESIGN.md, performance targets)
 TARGETS = {
     "step_over_floor": {"LoRA": 1.05, "DoRA": 1.10},
@@ -328,6 +333,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quant", action="store_true", help="add 4-bit-base rows (ours and PEFT)")
     parser.add_argument("--memory-variant", help=argparse.SUPPRESS)  # one reading, in-process
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--name",
+        default="causal_lm",
+        choices=list(RESULT_NAMES),
+        help="the result file's name: causal_lm (every method) or causal_lm_targets (a later run "
+        "of the methods with targets, LoRA and DoRA, shown beside it)",
+    )
     args = parser.parse_args(argv)
     if args.memory_variant:
         on = args.checkpointing == "on"
@@ -380,7 +392,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def write() -> None:
         res["meta"]["wall_seconds"] = round(time.perf_counter() - started, 1)
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "causal_lm.json").write_text(json.dumps(res, indent=2) + "\n")
+        (out_dir / f"{args.name}.json").write_text(json.dumps(res, indent=2) + "\n")
 
     for mode in modes:
         on = MODES[mode]
@@ -396,7 +408,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from benchmarks.report_causal import causal_report
 
     log(causal_report(res))
-    log(f"wrote {out_dir / 'causal_lm.json'} in {res['meta']['wall_seconds']} s")
+    log(f"wrote {out_dir / (args.name + '.json')} in {res['meta']['wall_seconds']} s")
     return res
 
 

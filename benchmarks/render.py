@@ -163,7 +163,8 @@ def method_lines(res: dict[str, Any]) -> list[str]:
         "out). Every result file records the commit, the device and the library versions.",
         "",
         "Re-run: `make bench` (MiniLM, this page), `make bench-causal` (SmolLM2-135M causal-LM "
-        "benchmark, `benchmarks/results/causal_lm.json`), then `python -m benchmarks.render`; "
+        "benchmark, `benchmarks/results/causal_lm.json`), `make bench-causal-targets` (LoRA "
+        "and DoRA alone, `causal_lm_targets.json`), then `python -m benchmarks.render`; "
         "`python -m benchmarks.speed --quick` is a smoke run that writes to "
         "`benchmarks/results/quick/`.",
         "",
@@ -183,6 +184,20 @@ def causal_lines() -> list[str]:
             "",
         ]
     lines += [causal_report(json.loads(path.read_text())), ""]
+    targets = RESULTS / "causal_lm_targets.json"
+    if targets.exists():
+        later = json.loads(targets.read_text())
+        methods = " and ".join(later["meta"]["configs"])
+        lines += [
+            f"### {methods} again, on their own",
+            "",
+            f"A separate run of the methods with targets ({methods}; `make "
+            "bench-causal-targets`), with its own commit: where it is later than the run above, "
+            "it is the one that describes the current code for them.",
+            "",
+            causal_report(later),
+            "",
+        ]
     profiled = RESULTS / "causal_profile.json"
     if profiled.exists():
         from benchmarks.profile_causal import markdown_section

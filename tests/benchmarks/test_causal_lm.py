@@ -101,3 +101,23 @@ def test_quant_rows_are_refused_without_the_quantized_base(monkeypatch, tmp_path
     with pytest.raises(SystemExit, match="lightning_lowrank.quant"):
         causal_lm.main(["--tiny", "--quant", "--out", str(tmp_path)])
     assert not (tmp_path / "causal_lm.json").exists()
+
+
+def test_targets_run_has_its_own_file_and_section(tmp_path, monkeypatch):
+    from benchmarks import render
+
+    args = ["--tiny", "--reps", "2", "--steps", "1", "--phases", "time", "--out", str(tmp_path)]
+    causal_lm.main([*args, "--methods", "LoRA", "SingLoRA"])
+    causal_lm.main([*args, "--methods", "LoRA", "DoRA", "--checkpointing", "off",
+                    "--name", "causal_lm_targets"])  # fmt: skip
+    full = json.loads((tmp_path / "causal_lm.json").read_text())
+    later = json.loads((tmp_path / "causal_lm_targets.json").read_text())
+    assert "SingLoRA" in full["meta"]["configs"]  # the full run is not overwritten
+    assert list(later["meta"]["configs"]) == ["LoRA", "DoRA"] and list(later["modes"]) == ["off"]
+    monkeypatch.setattr(render, "RESULTS", tmp_path)
+    text = "\n".join(render.causal_lines())
+    assert text.count("Gradient checkpointing **off**") == 2
+    assert "### LoRA and DoRA again, on their own" in text
+    assert text.index("SingLoRA:ours") < text.index("### LoRA and DoRA again")
+    with pytest.raises(SystemExit):
+        causal_lm.main([*args, "--name", "elsewhere"])
