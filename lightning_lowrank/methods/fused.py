@@ -13,7 +13,8 @@ a constant in backward); ``x'`` is the adapter's (possibly dropped-out) input. T
 product is added in place into the base output, and the input gradient is accumulated in place:
 ``dx = g_z W0 + s (g_z B) A``. Only the tensors a gradient needs are saved: with A frozen
 (LoRA-FA) the input is not kept, only ``x' A^T``. DoRA's factor needs ``sum_t g * z`` (z is the
-bracket above): with no bias and no zero in ``f``, on a CPU, ``z`` is scaled into ``y`` in place
+bracket above): with no bias and no zero in ``f``, on a CPU and outside ``torch.compile``,
+``z`` is scaled into ``y`` in place
 and recovered in backward as ``y / f`` instead of being kept beside ``y``; ``y`` is what the
 next operation usually keeps anyway, so one ``(tokens, out)`` tensor per layer is saved rather
 than two. An in-place change of such a layer's output after it is then refused in backward,
@@ -101,8 +102,9 @@ def _recoverable(factor: Tensor, bias: Tensor | None) -> bool:
     """Whether ``z`` is recovered exactly enough from ``y = f * z`` for the factor's gradient:
     no bias (``y - bias`` would lose the digits a large bias holds) and no zero in ``f``. The
     zero check reads the factor on the host, free on a CPU; on an accelerator it would stall the
-    device once per layer, so there ``z`` is kept as before."""
-    if bias is not None or factor.device.type != "cpu":
+    device once per layer, so there ``z`` is kept as before; so it is under ``torch.compile``,
+    which cannot trace a branch on the factor's values."""
+    if bias is not None or factor.device.type != "cpu" or torch.compiler.is_compiling():
         return False
     return bool(factor.ne(0).all())
 

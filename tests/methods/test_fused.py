@@ -382,6 +382,23 @@ def test_torch_compile_traces_the_fused_pass(kind):
         torch.testing.assert_close(got, want, **TOL)
 
 
+def test_torch_compile_traces_dora_without_a_bias():
+    # eager recovers the magnitude's gradient from the output; compiled, z is kept (no branch
+    # on the factor's values in the graph): the same gradients either way
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 10, bias=False), nn.Tanh(), nn.Linear(10, 6, bias=False))
+    model = model.to(D).requires_grad_(False)
+    for i in (0, 2):
+        model[i] = DoRALayer(model[i], DoRA(rank=3, alpha=5.0))
+        _randomise(model[i])
+    x = torch.randn(40, 6, dtype=D)
+    eager = _loss_and_grads(model, x, lambda m, t: m(t))
+    compiled_model = torch.compile(model, backend="aot_eager", fullgraph=True)
+    compiled = _loss_and_grads(compiled_model, x, lambda m, t: m(t))
+    for got, want in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(got, want, **TOL)
+
+
 # --- DoRA: the factor's gradient from the output ----------------------------------------------
 def _saved_storages(fn):
     """``fn()`` and the storage pointers of every tensor autograd saved while it ran."""
