@@ -13,13 +13,14 @@ a constant in backward); ``x'`` is the adapter's (possibly dropped-out) input. T
 product is added in place into the base output, and the input gradient is accumulated in place:
 ``dx = g_z W0 + s (g_z B) A``. Only the tensors a gradient needs are saved: with A frozen
 (LoRA-FA) the input is not kept, only ``x' A^T``. DoRA's factor needs ``sum_t g * z`` (z is the
-bracket above): with no bias and no zero in ``f``, on a CPU and outside ``torch.compile``,
-``z`` is scaled into ``y`` in place
-and recovered in backward as ``y / f`` instead of being kept beside ``y``; ``y`` is what the
-next operation usually keeps anyway, so one ``(tokens, out)`` tensor per layer is saved rather
-than two. An in-place change of such a layer's output after it is then refused in backward,
-with a message naming the fix. VeRA's effective-weight pass (``VeRALinear``)
-is VeRA-only and lives in ``methods/vera.py``; it shares ``fusable`` with this one.
+bracket above). With no bias and no zero in ``f``, on a CPU and outside ``torch.compile``, ``z``
+is scaled into ``y`` in place and recovered in backward as ``y / f`` instead of being kept beside
+``y``; ``y`` is what the next operation usually keeps anyway, so one ``(tokens, out)`` tensor per
+layer is saved rather than two. An in-place change of such a layer's output is then refused in
+backward, with a message naming the fix. The result is never a view, so after any other layer
+an in-place operation on its output is allowed, as after a plain ``nn.Linear``. VeRA's
+effective-weight pass (``VeRALinear``) is VeRA-only and lives in ``methods/vera.py``; it shares
+``fusable`` with this one.
 
 It is an exact rewrite (the same sums in another order); ``tests/methods/test_fused.py`` checks values and
 every gradient against the plain formulas in float64 and with ``torch.autograd.gradcheck``. The
