@@ -176,9 +176,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return res
 
 
-def markdown_section(res: dict[str, Any]) -> list[str]:
+def markdown_section(res: dict[str, Any], profile: dict[str, Any] | None = None) -> list[str]:
     """The page's section: the products per projection, their sum per step against the floor,
-    and what that leaves of the LoRA target (the sentence follows the numbers)."""
+    and what that leaves of the LoRA target (the sentence follows the numbers). With a
+    ``profile`` (``causal_profile.json``) of the same commit and shapes, the products' time
+    inside a real step is set beside their time alone."""
     meta, projs, floor = res["meta"], res["projections"], res["floor_step_s"]
     best, fused = res["per_step_s"]["best"], res["per_step_s"]["fused"]
     lines = [
@@ -223,7 +225,31 @@ def markdown_section(res: dict[str, Any]) -> list[str]:
             f"The products fit in it with {budget - best:.2f} s to spare: the rest of LoRA's "
             "extra time over the floor is not the adapter's arithmetic."
         )
+    lines += _in_step(res, profile)
     return [*lines, ""]
+
+
+def _in_step(res: dict[str, Any], profile: dict[str, Any] | None) -> list[str]:
+    """One sentence comparing the products alone with their share of a profiled LoRA step, when
+    the profile measured the same commit and shapes (else nothing: the two would not compare)."""
+    if profile is None or "LoRA:ours" not in profile.get("variants", {}):
+        return []
+    meta, pmeta = res["meta"], profile["meta"]
+    same = all(meta.get(k) == pmeta.get(k) for k in ("commit", "batch", "seq_len", "rank"))
+    if not same or meta.get("dirty") or pmeta.get("dirty"):
+        return []
+    from benchmarks.profile_causal import estimated_kinds
+
+    inside = estimated_kinds(profile["variants"]["LoRA:ours"]).get("rank-r products", 0.0)
+    alone = res["per_step_s"]["best"]
+    return [
+        f"Inside a profiled LoRA step of the same commit (above) the same products take "
+        f"{inside:.2f} s, {inside / alone:.1f} times their time alone: in the step their "
+        "operands are not all in cache when they run."
+        if inside > alone
+        else f"Inside a profiled LoRA step of the same commit (above) the same products take "
+        f"{inside:.2f} s, no more than alone."
+    ]
 
 
 if __name__ == "__main__":

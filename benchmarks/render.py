@@ -207,7 +207,8 @@ def causal_lines() -> list[str]:
     if products.exists():
         from benchmarks.rank_products import markdown_section as products_section
 
-        lines += products_section(json.loads(products.read_text()))
+        profile = json.loads(profiled.read_text()) if profiled.exists() else None
+        lines += products_section(json.loads(products.read_text()), profile)
     return lines
 
 

@@ -67,3 +67,21 @@ def test_sentence_follows_the_numbers(products, verdict):
     assert "leaves 0.50 s" in text  # 1.05 floors of a 10 s floor
     assert verdict in text
     assert ("no" if products > 0.5 else "fit in it") in text
+
+
+def test_products_in_a_step_are_compared_only_at_the_same_commit():
+    one = {p: {"fused": 0.05} for p in rp.PRODUCTS}
+    meta = {"model": "m", "layers": 1, "batch": 4, "seq_len": 256, "rank": 8, "repeats": 1,
+            "commit": "abc", "dirty": False, "date": "d"}  # fmt: skip
+    res = {
+        "meta": meta,
+        "floor_step_s": 10.0,
+        "projections": {"q_proj": {"in": 4, "out": 4, "seconds": one, "count": dict.fromkeys(one, 1)}},
+        "per_step_s": {"best": 0.3, "fused": 0.3},
+    }  # fmt: skip
+    lora = {"step_s": 2.0, "profiled_s": {"rank-r products": 0.6, "full-width products": 1.4}}
+    profile = {"meta": dict(meta), "variants": {"LoRA:ours": lora}}
+    text = "\n".join(rp.markdown_section(res, profile))
+    assert "take 0.60 s, 2.0 times their time alone" in text
+    profile["meta"]["commit"] = "def"
+    assert "profiled LoRA step" not in "\n".join(rp.markdown_section(res, profile))
