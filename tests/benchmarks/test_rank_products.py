@@ -52,7 +52,9 @@ def test_projection_widths_and_per_step_counts():
     assert rp.per_step(fake, "fused") == pytest.approx(3 * 2.0 + 2 * 1.0)
 
 
-@pytest.mark.parametrize("products, verdict", [(0.8, "can meet"), (0.2, "to spare")])
+@pytest.mark.parametrize(
+    "products, verdict", [(0.8, "can meet"), (0.45, "about all of it"), (0.2, "to spare")]
+)
 def test_sentence_follows_the_numbers(products, verdict):
     one = {p: {"fused": products / 6} for p in rp.PRODUCTS}
     res = {
@@ -66,7 +68,7 @@ def test_sentence_follows_the_numbers(products, verdict):
     assert f"{products / 10:.1%} of the floor" in text
     assert "leaves 0.50 s" in text  # 1.05 floors of a 10 s floor
     assert verdict in text
-    assert ("no" if products > 0.5 else "fit in it") in text
+    assert ("to spare" in text) == (products < 0.4)  # 1.05 floors of 10 s, less 20 %
 
 
 def test_products_in_a_step_are_compared_only_at_the_same_commit():
