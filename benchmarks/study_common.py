@@ -79,6 +79,10 @@ class Study:
     key: tuple[str, ...]
     meta: dict[str, Any]
 
+    def ident(self, record: dict[str, Any]) -> tuple[Any, ...]:
+        """The values of ``key`` in a task or a record: what makes two of them the same run."""
+        return tuple(record.get(k) for k in self.key)
+
     @property
     def path(self) -> Path:
         return RESULTS_DIR / ("quick" if quick() else "") / f"study_{self.name}.json"
@@ -313,7 +317,8 @@ def check_only(only: dict[str, set[str]], tasks: list[dict[str, Any]]) -> None:
             )
 
 
-def _load(name: str) -> Study:
+def load_study(name: str) -> Study:
+    """The ``Study`` of ``benchmarks/study_<name>.py``."""
     return importlib.import_module(f"benchmarks.study_{name}").STUDY
 
 
@@ -325,7 +330,7 @@ def _run_task(name: str, task: dict[str, Any], threads: int) -> dict[str, Any]:
     warnings.filterwarnings("ignore")
     for logger in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
         logging.getLogger(logger).setLevel(logging.ERROR)
-    return _load(name).run(task)
+    return load_study(name).run(task)
 
 
 def _write(study: Study, records: list[dict[str, Any]], command: str, device: str) -> None:
@@ -369,7 +374,7 @@ def main(argv: list[str] | None = None, studies: Iterable[str] = STUDIES) -> Non
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     only = parse_only(args.only)
 
-    loaded = {name: _load(name) for name in args.studies}
+    loaded = {name: load_study(name) for name in args.studies}
     check_only(only, [t for study in loaded.values() for t in study.tasks(args.seeds)])
     records: dict[str, list[dict[str, Any]]] = {}
     todo: list[tuple[str, dict[str, Any]]] = []
@@ -384,11 +389,11 @@ def main(argv: list[str] | None = None, studies: Iterable[str] = STUDIES) -> Non
                 flush=True,
             )
         records[name] = old
-        done = {tuple(r.get(k) for k in study.key) for r in old}
+        done = {study.ident(r) for r in old}
         per_study[name] = [
             {**t, "accelerator": args.accelerator}
             for t in study.tasks(args.seeds)
-            if selected(t, only) and (args.rerun or tuple(t.get(k) for k in study.key) not in done)
+            if selected(t, only) and (args.rerun or study.ident(t) not in done)
         ]
     # seed-major, studies interleaved: a study cut short has every config for its first seeds
     for seed in args.seeds:
@@ -402,9 +407,8 @@ def main(argv: list[str] | None = None, studies: Iterable[str] = STUDIES) -> Non
 
     def merge(name: str, rec: dict[str, Any]) -> None:
         rec.update(stamp)
-        key = loaded[name].key
-        ident = tuple(rec.get(k) for k in key)
-        records[name] = [r for r in records[name] if tuple(r.get(k) for k in key) != ident]
+        study = loaded[name]
+        records[name] = [r for r in records[name] if study.ident(r) != study.ident(rec)]
         records[name].append(rec)
         _write(loaded[name], records[name], command, device)
 

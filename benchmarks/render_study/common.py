@@ -204,14 +204,12 @@ def progress(name: str, runs: Runs) -> str:
     """How much of the study's plan (its tasks for the default seeds) the file holds under the
     verdict method (records with a commit), and how long one of those runs trained (the
     median): what finishing it would take."""
-    import importlib
+    from benchmarks.study_common import DEFAULT_SEEDS, load_study
 
-    from benchmarks.study_common import DEFAULT_SEEDS
-
-    study = importlib.import_module(f"benchmarks.study_{name}").STUDY
-    planned = {tuple(t.get(k) for k in study.key) for t in study.tasks(DEFAULT_SEEDS)}
+    study = load_study(name)
+    planned = {study.ident(t) for t in study.tasks(DEFAULT_SEEDS)}
     current = [r for r in runs if r.get("commit")]  # records that predate the method do not count
-    done = planned & {tuple(r.get(k) for k in study.key) for r in current}
+    done = planned & {study.ident(r) for r in current}
     seeds = f"seeds {DEFAULT_SEEDS[0]}-{DEFAULT_SEEDS[-1]}"
     text = f"{len(done)} of the {len(planned)} planned runs ({seeds}) have run under this method"
     seconds = [r["train_seconds"] for r in current if r.get("train_seconds") is not None]
