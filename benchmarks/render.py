@@ -199,15 +199,15 @@ def causal_lines() -> list[str]:
             "",
         ]
     profiled = RESULTS / "causal_profile.json"
-    if profiled.exists():
+    profile = json.loads(profiled.read_text()) if profiled.exists() else None
+    if profile is not None:
         from benchmarks.profile_causal import markdown_section
 
-        lines += markdown_section(json.loads(profiled.read_text()))
+        lines += markdown_section(profile)
     products = RESULTS / "rank_products.json"
     if products.exists():
         from benchmarks.rank_products import markdown_section as products_section
 
-        profile = json.loads(profiled.read_text()) if profiled.exists() else None
         lines += products_section(json.loads(products.read_text()), profile)
     return lines
 
