@@ -127,6 +127,36 @@ def make_batch(vocab: int, batch: int, seq: int, seed: int = 0) -> dict[str, Ten
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
+def one_thread_setup(tiny: bool, batch: int, seq: int) -> tuple[nn.Module, dict[str, Tensor]]:
+    """Torch on one thread, seed 0, the frozen model and a batch: how the one-process scripts
+    beside this one (``profile_causal``, ``rank_products``) start."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    base = load_model(tiny)
+    return base, make_batch(base.config.vocab_size, batch, seq)
+
+
+def script_meta(script: str, argv: list[str] | None, tiny: bool, batch: int, seq: int) -> dict:
+    """The fields those scripts' result files begin with: date, model, shapes, command and
+    provenance."""
+    return {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "model": "tiny random Llama" if tiny else "SmolLM2-135M-Instruct (float32)",
+        "batch": batch,
+        "seq_len": seq,
+        "command": f"python -m benchmarks.{script} "
+        + " ".join(sys.argv[1:] if argv is None else argv),
+        **provenance("CPU, torch threads 1"),
+    }
+
+
+def write_result(res: dict[str, Any], name: str, tiny: bool) -> None:
+    """``res`` as ``results/<name>.json`` (a ``--tiny`` run: under ``results/quick/``)."""
+    out_dir = RESULTS / ("quick" if tiny else "")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")
+
+
 def set_checkpointing(model: nn.Module, on: bool) -> None:
     """Gradient checkpointing of the transformers model inside ``model`` (PEFT wraps it)."""
     from transformers import PreTrainedModel

@@ -24,16 +24,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from datetime import datetime, timezone
 from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks import causal_lm
-from benchmarks.provenance import commit_phrase, provenance
+from benchmarks.provenance import commit_phrase
 
 RANK = 8  # the rank of every method in benchmarks.methods
 PHASES = ("forward", "backward", "optimizer")
@@ -155,25 +153,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.tiny:
         args.batch, args.seq, args.steps, args.profiled = 2, 16, 1, 1
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
     started = time.perf_counter()
-    base = causal_lm.load_model(args.tiny)
-    batch = causal_lm.make_batch(base.config.vocab_size, args.batch, args.seq)
+    base, batch = causal_lm.one_thread_setup(args.tiny, args.batch, args.seq)
     res: dict[str, Any] = {
         "meta": {
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "model": "tiny random Llama" if args.tiny else "SmolLM2-135M-Instruct (float32)",
-            "batch": args.batch,
-            "seq_len": args.seq,
+            **causal_lm.script_meta("profile_causal", argv, args.tiny, args.batch, args.seq),
             "steps": args.steps,
             "profiled_steps": args.profiled,
             "rank": RANK,
             "clock": "process CPU time, torch on 1 thread; kinds: operators' own CPU time "
             "(torch.profiler) in one step",
-            "command": "python -m benchmarks.profile_causal "
-            + " ".join(sys.argv[1:] if argv is None else argv),
-            **provenance("CPU, torch threads 1"),
         },
         "variants": {},
     }
@@ -181,9 +170,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for v, d in res["variants"].items():
         print(v, json.dumps(d), flush=True)
     res["meta"]["wall_seconds"] = round(time.perf_counter() - started, 1)
-    out_dir = causal_lm.RESULTS / ("quick" if args.tiny else "")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "causal_profile.json").write_text(json.dumps(res, indent=2) + "\n")
+    causal_lm.write_result(res, "causal_profile", args.tiny)
     return res
 
 

@@ -24,16 +24,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 from typing import Any
 
 import torch
 
 from benchmarks import causal_lm
-from benchmarks.provenance import commit_phrase, provenance
+from benchmarks.provenance import commit_phrase
 
 RANK = 8
 CLOCK = time.process_time
@@ -145,27 +143,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.tiny:
         args.batch, args.seq, args.repeats, args.inner, args.floor_steps = 2, 16, 2, 2, 1
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
     started = time.perf_counter()
-    base = causal_lm.load_model(args.tiny)
-    batch = causal_lm.make_batch(base.config.vocab_size, args.batch, args.seq)
+    base, batch = causal_lm.one_thread_setup(args.tiny, args.batch, args.seq)
     floor = floor_step(base, batch, args.floor_steps)
     projs = measure(base.config, args.batch * args.seq, args.repeats, args.inner)
     res = {
         "meta": {
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "model": "tiny random Llama" if args.tiny else "SmolLM2-135M-Instruct (float32)",
-            "batch": args.batch,
-            "seq_len": args.seq,
+            **causal_lm.script_meta("rank_products", argv, args.tiny, args.batch, args.seq),
             "rank": RANK,
             "layers": base.config.num_hidden_layers,
             "repeats": args.repeats,
             "inner": args.inner,
             "clock": "process CPU time, torch on 1 thread",
-            "command": "python -m benchmarks.rank_products "
-            + " ".join(sys.argv[1:] if argv is None else argv),
-            **provenance("CPU, torch threads 1"),
         },
         "floor_step_s": floor,
         "projections": projs,
@@ -173,9 +162,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     res["meta"]["wall_seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps({k: res[k] for k in ("floor_step_s", "per_step_s")}), flush=True)
-    out_dir = causal_lm.RESULTS / ("quick" if args.tiny else "")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "rank_products.json").write_text(json.dumps(res, indent=2) + "\n")
+    causal_lm.write_result(res, "rank_products", args.tiny)
     return res
 
 
