@@ -54,6 +54,34 @@ def _with_intruders(runs: Runs) -> Runs:
     return out
 
 
+def _rslora_line(lora64: Runs, rs64: Runs, margin: float) -> str:
+    """The rsLoRA r=64 against LoRA r=64 claim at the rsLoRA rate whose mean validation loss is
+    closest to LoRA r=64's; inconclusive when even that rate misses it by more than ``margin``."""
+    claim = "Rank-stabilised LoRA at rank 64 has fewer intruders than LoRA at rank 64"
+    target = mean([r["val_loss"] for r in lora64])
+    rates = sorted({r["lr"] for r in rs64})
+    loss = {lr: mean([r["val_loss"] for r in pick(rs64, lr=lr)]) for lr in rates}
+    matched = min(rates, key=lambda lr: abs(loss[lr] - target))
+    match = (
+        f"rsLoRA's rate {matched:g}, of {', '.join(f'{lr:g}' for lr in rates)}, has the mean "
+        f"validation loss closest to LoRA r=64's {target:.4g}: {loss[matched]:.4g}"
+    )
+    if abs(loss[matched] - target) > margin:
+        return (
+            f"- {claim}: not compared at matched validation loss ({match}, a gap above the "
+            f"margin of {margin:g} stated before the runs): **inconclusive**."
+        )
+    return verdict_line(
+        f"{claim}, at matched validation loss ({match}; margin {margin:g})",
+        f"rsLoRA r=64 (lr {matched:g})",
+        pick(rs64, lr=matched),
+        f"LoRA r=64 (lr {lora64[0]['lr']:g})",
+        lora64,
+        "intruders_0.5",
+        "less",
+    )
+
+
 def intruder_section(study: dict[str, Any]) -> list[str]:
     runs = _with_intruders(study["runs"])
     plot_intruders(study, ASSETS / "study_intruders.png")
@@ -113,25 +141,9 @@ def intruder_section(study: dict[str, Any]) -> list[str]:
             )
     lora64, rs64 = pick(runs, config="LoRA r=64"), pick(runs, config="rsLoRA r=64")
     if lora64 and rs64:
-        target = mean([r["val_loss"] for r in lora64])
-        rates = sorted({r["lr"] for r in rs64})
-        gap = {lr: abs(mean([r["val_loss"] for r in pick(rs64, lr=lr)]) - target) for lr in rates}
-        matched = min(rates, key=lambda lr: gap[lr])
-        chosen = pick(rs64, lr=matched)
-        lines.append(
-            verdict_line(
-                "Rank-stabilised LoRA at rank 64 has fewer intruders than LoRA at rank 64, at "
-                f"matched validation loss (rsLoRA's rate {matched:g}, of "
-                f"{', '.join(f'{lr:g}' for lr in rates)}, has the mean validation loss closest "
-                f"to LoRA r=64's {target:.4g}: {mean([r['val_loss'] for r in chosen]):.4g})",
-                f"rsLoRA r=64 (lr {matched:g})",
-                chosen,
-                f"LoRA r=64 (lr {lora64[0]['lr']:g})",
-                lora64,
-                "intruders_0.5",
-                "less",
-            )
-        )
+        from benchmarks.study_intruders import MATCH_MARGIN
+
+        lines.append(_rslora_line(lora64, rs64, study.get("match_margin", MATCH_MARGIN)))
     else:
         missing = [n for n, rs in (("LoRA r=64", lora64), ("rsLoRA r=64", rs64)) if not rs]
         lines.append(

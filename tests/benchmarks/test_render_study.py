@@ -262,3 +262,39 @@ def test_progress_counts_planned_runs_under_the_method_only():
     text = common.progress("intruders", runs)
     assert text.startswith("2 of the 35 planned runs (seeds 0-4)")
     assert "700 s (median)" in text
+
+
+def _r64_study(rs_loss: dict[float, float]) -> dict:
+    """LoRA r=64 at val loss 0.10 with 4 intruders per seed; rsLoRA r=64 at each rate with its
+    given val loss and 2 intruders, except at 3e-4, where it has 6."""
+    study = _intruder_study(("LoRA r=64",))
+    for s in range(5):
+        for lr, loss in rs_loss.items():
+            count = 6 if lr == 3e-4 else 2
+            study["runs"].append(
+                {**STAMP, "config": "rsLoRA r=64", "lr": lr, "seed": s, "layers": 36,
+                 "val_loss": loss + 0.001 * s, "val_acc": 0.9, "mean_delta_effective_rank": 1.0,
+                 "update_norm_ratio": 0.05, "intruders_by_epsilon": {"0.5": count, "0.7": count}}
+            )  # fmt: skip
+    return study
+
+
+def test_rslora_claim_is_judged_at_the_matched_rate_only(monkeypatch, tmp_path):
+    from benchmarks.render_study.intruders import intruder_section
+
+    monkeypatch.setattr("benchmarks.render_study.intruders.ASSETS", tmp_path)
+
+    def claim(rs_loss: dict[float, float]) -> str:
+        lines = intruder_section(_r64_study(rs_loss))
+        return next(x for x in lines if x.startswith("- Rank-stabilised"))
+
+    # the middle rate matches (gap 0.03 < 0.05): fewer intruders there, whatever 3e-4 shows
+    line = claim({3e-5: 0.6, 1e-4: 0.135, 3e-4: 0.3})
+    assert "rate 0.0001" in line and "**reproduced**" in line
+    # the rate closest in loss has more intruders: judged there, so not reproduced
+    line = claim({3e-5: 0.6, 1e-4: 0.3, 3e-4: 0.12})
+    assert "rate 0.0003" in line and "**not reproduced**" in line
+    # no rate within the margin (closest gap 0.08): no verdict from the counts
+    line = claim({3e-5: 0.6, 1e-4: 0.184, 3e-4: 0.3})
+    assert "not compared at matched validation loss" in line and "**inconclusive**" in line
+    assert "margin of 0.05" in line
