@@ -6,11 +6,13 @@ intruder dimensions of the fine-tuned weight against the pre-trained one are cou
 epsilon swept), with the validation accuracy and how far training moved the weights,
 ``||dW|| / ||W0||`` over the 36 layers, for every config (full fine-tuning included).
 
-rsLoRA r=64 (scale alpha / sqrt(r) = 16, 8x LoRA's alpha / r = 2) runs over ``RSLORA_LRS``; the
-page compares it with LoRA r=64 (alpha 128) at 1e-3 at the rsLoRA rate whose mean validation loss
-is closest to LoRA r=64's (matched validation loss), so that neither is under-trained. The match
-must be within ``MATCH_MARGIN`` (stated before the runs); if no rate comes that close, the claim
-is inconclusive, whatever the intruder counts say. The claim
+rsLoRA r=64 (scale alpha / sqrt(r) = 16, 8x LoRA's alpha / r = 2) runs over ``RSLORA_LRS`` and
+LoRA r=64 (alpha 128) over ``LORA64_LRS``: 1e-3, the rate of the other LoRA configs, diverged
+at r=64 (seed 0 ended at the majority class), so a lower rate runs beside it. The page compares
+LoRA r=64 at its rate of lowest mean validation loss with rsLoRA r=64 at the rate whose mean
+validation loss is closest to that (matched validation loss), so that neither is under-trained
+or diverged. The match must be within ``MATCH_MARGIN`` (stated before the runs); if no rate
+comes that close, the claim is inconclusive, whatever the intruder counts say. The claim
 "intruders grow with training" is not tested: counting on a monitor during one run cannot separate
 it from the update simply growing from zero.
 
@@ -32,6 +34,7 @@ EPSILONS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 STEPS, BATCH, MAX_LENGTH = (4, 4, 32) if quick() else (300, 16, 128)
 
 RSLORA_LRS = (3e-5, 1e-4, 3e-4)
+LORA64_LRS = (3e-4, 1e-3)
 #: the largest gap in mean validation loss (nats) at which rsLoRA r=64 counts as matched with
 #: LoRA r=64; about the seed-to-seed standard deviation of the validation loss at r=1 and r=8
 MATCH_MARGIN = 0.05
@@ -39,7 +42,7 @@ MATCH_MARGIN = 0.05
 CONFIGS: dict[str, tuple[dict[str, Any] | None, tuple[float, ...]]] = {
     "LoRA r=1": ({"rank": 1, "alpha": 2.0}, (1e-3,)),
     "LoRA r=8": ({"rank": 8, "alpha": 16.0}, (1e-3,)),
-    "LoRA r=64": ({"rank": 64, "alpha": 128.0}, (1e-3,)),
+    "LoRA r=64": ({"rank": 64, "alpha": 128.0}, LORA64_LRS),
     "rsLoRA r=64": ({"rank": 64, "alpha": 128.0, "scaling": "rslora"}, RSLORA_LRS),
     "full fine-tuning": (None, (5e-5,)),
 }
@@ -137,6 +140,7 @@ STUDY = Study(
         "max_length": MAX_LENGTH,
         "epsilons": EPSILONS,
         "rslora_lrs": RSLORA_LRS,
+        "lora64_lrs": LORA64_LRS,
         "match_margin": MATCH_MARGIN,
         "k": 10,
     },

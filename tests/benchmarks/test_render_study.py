@@ -260,22 +260,28 @@ def test_progress_counts_planned_runs_under_the_method_only():
         {"config": "LoRA r=8", "lr": 1e-3, "seed": 1, "train_seconds": 10.0},  # predates it
     ]
     text = common.progress("intruders", runs)
-    assert text.startswith("2 of the 35 planned runs (seeds 0-4)")
+    assert text.startswith("2 of the 40 planned runs (seeds 0-4)")
     assert "700 s (median)" in text
 
 
-def _r64_study(rs_loss: dict[float, float]) -> dict:
-    """LoRA r=64 at val loss 0.10 with 4 intruders per seed; rsLoRA r=64 at each rate with its
-    given val loss and 2 intruders, except at 3e-4, where it has 6."""
-    study = _intruder_study(("LoRA r=64",))
-    for s in range(5):
+def _r64_study(rs_loss: dict[float, float], seeds: int = 5) -> dict:
+    """LoRA r=64 at 3e-4 (val loss 0.10, 4 intruders per seed) and diverged at 1e-3 (val loss
+    1.6, 0 intruders); rsLoRA r=64 at each rate with its given val loss and 2 intruders, except
+    at 3e-4, where it has 6."""
+    study = _intruder_study(())
+
+    def add(config: str, lr: float, s: int, loss: float, count: int) -> None:
+        study["runs"].append(
+            {**STAMP, "config": config, "lr": lr, "seed": s, "layers": 36, "val_loss": loss,
+             "val_acc": 0.9, "mean_delta_effective_rank": 1.0, "update_norm_ratio": 0.05,
+             "intruders_by_epsilon": {"0.5": count, "0.7": count}}
+        )  # fmt: skip
+
+    for s in range(seeds):
+        add("LoRA r=64", 3e-4, s, 0.1, 4)
+        add("LoRA r=64", 1e-3, s, 1.6, 0)
         for lr, loss in rs_loss.items():
-            count = 6 if lr == 3e-4 else 2
-            study["runs"].append(
-                {**STAMP, "config": "rsLoRA r=64", "lr": lr, "seed": s, "layers": 36,
-                 "val_loss": loss + 0.001 * s, "val_acc": 0.9, "mean_delta_effective_rank": 1.0,
-                 "update_norm_ratio": 0.05, "intruders_by_epsilon": {"0.5": count, "0.7": count}}
-            )  # fmt: skip
+            add("rsLoRA r=64", lr, s, loss + 0.001 * s, 6 if lr == 3e-4 else 2)
     return study
 
 
@@ -284,17 +290,26 @@ def test_rslora_claim_is_judged_at_the_matched_rate_only(monkeypatch, tmp_path):
 
     monkeypatch.setattr("benchmarks.render_study.intruders.ASSETS", tmp_path)
 
-    def claim(rs_loss: dict[float, float]) -> str:
-        lines = intruder_section(_r64_study(rs_loss))
-        return next(x for x in lines if x.startswith("- Rank-stabilised"))
+    def claim(study: dict) -> str:
+        return next(x for x in intruder_section(study) if x.startswith("- Rank-stabilised"))
 
-    # the middle rate matches (gap 0.03 < 0.05): fewer intruders there, whatever 3e-4 shows
-    line = claim({3e-5: 0.6, 1e-4: 0.135, 3e-4: 0.3})
-    assert "rate 0.0001" in line and "**reproduced**" in line
+    # LoRA r=64's reference is its trained rate 3e-4, not the diverged 1e-3; rsLoRA's middle rate
+    # matches it (gap 0.037 < 0.05): fewer intruders there, whatever 3e-4 shows
+    line = claim(_r64_study({3e-5: 0.6, 1e-4: 0.135, 3e-4: 1.6}))
+    assert "best rate of 0.0003, 0.001 is 0.0003" in line and "is 0.0001" in line
+    assert "**reproduced**" in line and "over 5 paired seeds" in line
     # the rate closest in loss has more intruders: judged there, so not reproduced
-    line = claim({3e-5: 0.6, 1e-4: 0.3, 3e-4: 0.12})
-    assert "rate 0.0003" in line and "**not reproduced**" in line
-    # no rate within the margin (closest gap 0.08): no verdict from the counts
-    line = claim({3e-5: 0.6, 1e-4: 0.184, 3e-4: 0.3})
+    line = claim(_r64_study({3e-5: 0.6, 1e-4: 0.3, 3e-4: 0.12}))
+    assert "is 0.0003: 0.122" in line and "**not reproduced**" in line
+    # no rate within the margin (closest gap 0.086): no verdict from the counts
+    line = claim(_r64_study({3e-5: 0.6, 1e-4: 0.184, 3e-4: 1.6}))
     assert "not compared at matched validation loss" in line and "**inconclusive**" in line
     assert "margin of 0.05" in line
+    # a seed missing one planned rate is left out of the whole comparison
+    study = _r64_study({3e-5: 0.6, 1e-4: 0.135, 3e-4: 1.6})
+    study["runs"] = [r for r in study["runs"] if (r["seed"], r["lr"]) != (4, 3e-5)]
+    line = claim(study)
+    assert "over the 4 seeds" in line and "**inconclusive (4 seeds < 5)**" in line
+    # no seed ran every planned rate
+    study["runs"] = [r for r in study["runs"] if r["lr"] != 3e-5]
+    assert "not compared yet: no seed has run every planned rate" in claim(study)
