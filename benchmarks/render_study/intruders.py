@@ -82,9 +82,14 @@ def _rslora_line(lora64: Runs, rs64: Runs) -> str:
     target = loss(lora64, ref)
     matched = min(rs_grid, key=lambda lr: abs(loss(rs64, lr) - target))
     rates = ", ".join(f"{lr:g}" for lr in lora_grid)
+    reference = (
+        f"LoRA r=64's best rate of {rates} is {ref:g}"
+        if len(lora_grid) > 1
+        else (f"LoRA r=64 at {ref:g} has")
+    )
     match = (
-        f"over the {len(seeds)} seeds that ran every rate, LoRA r=64's best rate of {rates} is "
-        f"{ref:g}, mean validation loss {target:.4g}; rsLoRA's closest to it, of "
+        f"over the {len(seeds)} seeds that ran every planned rate, {reference} mean validation "
+        f"loss {target:.4g}; rsLoRA's closest to it, of "
         f"{', '.join(f'{lr:g}' for lr in rs_grid)}, is {matched:g}: {loss(rs64, matched):.4g}"
     )
     if abs(loss(rs64, matched) - target) > MATCH_MARGIN:

@@ -24,7 +24,8 @@ def test_intruders_grid_matches_rslora_against_lora_r64():
 
     tasks = m.tasks([0])
     assert _grid(tasks, "rsLoRA r=64") == [3e-5, 1e-4, 3e-4]
-    assert _grid(tasks, "LoRA r=64") == [3e-4, 1e-3]
+    assert _grid(tasks, "LoRA r=64") == [3e-4]
+    assert m.HEAD_LR == 1e-3
     assert m.CONFIGS["LoRA r=64"][0] == {"rank": 64, "alpha": 128.0}
     assert "full fine-tuning" in {t["config"] for t in tasks}
     assert m.STUDY.key == ("config", "lr", "seed")
