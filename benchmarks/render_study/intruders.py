@@ -111,12 +111,17 @@ def _rslora_line(lora64: Runs, rs64: Runs) -> str:
 def intruder_section(study: dict[str, Any]) -> list[str]:
     runs = _with_intruders(study["runs"])
     plot_intruders(study, ASSETS / "study_intruders.png")
+    head = (
+        f"; the classifier head at {study['head_lr']:g} in adapter runs"
+        if "head_lr" in study
+        else ""
+    )
     lines = header(
         "Intruder dimensions (Shuttleworth et al. 2024)",
         study,
         "intruders",
         f"MiniLM fine-tuned on BBC News for {study['steps']} optimizer steps (batch "
-        f"{study['batch_size']}, {study['max_length']} tokens, AdamW, 10 warm-up steps). "
+        f"{study['batch_size']}, {study['max_length']} tokens, AdamW, 10 warm-up steps{head}). "
         f"Intruders are counted over the {runs[0]['layers']} adapted layers: top k = "
         f"{study['k']} singular vectors of the fine-tuned weight, similarity threshold epsilon. "
         "norm(dW) / norm(W0) is sqrt(sum over layers of norm(W - W0)^2) / "

@@ -268,7 +268,7 @@ def _r64_study(rs_loss: dict[float, float], seeds: int = 5) -> dict:
     """LoRA r=64 at 3e-4 (val loss 0.10, 4 intruders per seed) and diverged at 1e-3, a rate not
     in the plan (val loss 1.6, 0 intruders); rsLoRA r=64 at each rate with its given val loss and 2 intruders, except
     at 3e-4, where it has 6."""
-    study = _intruder_study(())
+    study = {**_intruder_study(()), "head_lr": 1e-3}
 
     def add(config: str, lr: float, s: int, loss: float, count: int) -> None:
         study["runs"].append(
@@ -295,6 +295,8 @@ def test_rslora_claim_is_judged_at_the_matched_rate_only(monkeypatch, tmp_path):
 
     # LoRA r=64's reference is its planned rate 3e-4, not the diverged 1e-3; rsLoRA's middle rate
     # matches it (gap 0.037 < 0.05): fewer intruders there, whatever 3e-4 shows
+    assert any("the classifier head at 0.001 in adapter runs" in x for x in
+               intruder_section(_r64_study({3e-5: 0.6})))  # fmt: skip
     line = claim(_r64_study({3e-5: 0.6, 1e-4: 0.135, 3e-4: 1.6}))
     assert "LoRA r=64 at 0.0003 has mean validation loss 0.1;" in line and "is 0.0001" in line
     assert "**reproduced**" in line and "over 5 paired seeds" in line
