@@ -295,8 +295,12 @@ def test_rslora_claim_is_judged_at_the_matched_rate_only(monkeypatch, tmp_path):
 
     # LoRA r=64's reference is its planned rate 3e-4, not the diverged 1e-3; rsLoRA's middle rate
     # matches it (gap 0.037 < 0.05): fewer intruders there, whatever 3e-4 shows
-    assert any("the classifier head at 0.001 in adapter runs" in x for x in
-               intruder_section(_r64_study({3e-5: 0.6})))  # fmt: skip
+    lines = intruder_section(_r64_study({3e-5: 0.6}))
+    assert any("the classifier head at 0.001 in adapter runs" in x for x in lines)
+    assert [x.split(" | ")[1] for x in lines if x.startswith("| LoRA r=64")] == [
+        "0.0003",
+        "0.001 (outside the plan: shown, not compared)",
+    ]
     line = claim(_r64_study({3e-5: 0.6, 1e-4: 0.135, 3e-4: 1.6}))
     assert "LoRA r=64 at 0.0003 has mean validation loss 0.1;" in line and "is 0.0001" in line
     assert "**reproduced**" in line and "over 5 paired seeds" in line
