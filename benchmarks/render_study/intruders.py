@@ -88,7 +88,8 @@ def _rslora_line(lora64: Runs, rs64: Runs) -> str:
         else (f"LoRA r=64 at {ref:g} has")
     )
     match = (
-        f"over the {len(seeds)} seeds that ran every planned rate, {reference} mean validation "
+        f"over the {len(seeds)} seed{'' if len(seeds) == 1 else 's'} that ran every planned "
+        f"rate, {reference} mean validation "
         f"loss {target:.4g}; rsLoRA's closest to it, of "
         f"{', '.join(f'{lr:g}' for lr in rs_grid)}, is {matched:g}: {loss(rs64, matched):.4g}"
     )
