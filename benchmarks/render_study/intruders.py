@@ -8,6 +8,7 @@ from typing import Any
 from benchmarks.render_study.common import (
     ASSETS,
     Runs,
+    by_seed,
     figure,
     header,
     mean,
@@ -15,7 +16,7 @@ from benchmarks.render_study.common import (
     verdict_line,
     with_interval,
 )
-from benchmarks.stats import INCONCLUSIVE
+from benchmarks.stats import INCONCLUSIVE, t_interval
 
 
 def variants(runs: Runs) -> list[tuple[str, float]]:
@@ -98,15 +99,30 @@ def _rslora_line(lora64: Runs, rs64: Runs) -> str:
             f"- {claim}: not compared at matched validation loss ({match}, a gap above the "
             f"margin of {MATCH_MARGIN:g} stated before the runs): **{INCONCLUSIVE}**."
         )
-    return verdict_line(
+    lora = [r for r in pick(lora64, lr=ref) if r["seed"] in seeds]
+    line = verdict_line(
         f"{claim}, at matched validation loss ({match}; margin {MATCH_MARGIN:g})",
         f"rsLoRA r=64 (lr {matched:g})",
         [r for r in pick(rs64, lr=matched) if r["seed"] in seeds],
         f"LoRA r=64 (lr {ref:g})",
-        [r for r in pick(lora64, lr=ref) if r["seed"] in seeds],
+        lora,
         "intruders_0.5",
         "less",
     )
+    # the other rates inside the margin, for the reader to judge how much the choice decides
+    others = [
+        lr for lr in rs_grid if lr != matched and abs(loss(rs64, lr) - target) <= MATCH_MARGIN
+    ]
+    for lr in others:
+        b = by_seed(lora, "intruders_0.5")
+        a = by_seed([r for r in pick(rs64, lr=lr) if r["seed"] in seeds], "intruders_0.5")
+        d, low, high = t_interval([a[s] - b[s] for s in sorted(set(a) & set(b))])
+        line += (
+            f"\n    - Also inside the margin: rsLoRA r=64 at {lr:g} (mean validation loss "
+            f"{loss(rs64, lr):.4g}): minus LoRA r=64 in intruders_0.5, mean {d:+.4g}, 95% "
+            f"interval [{low:+.4g}, {high:+.4g}]; the rule judges the closest rate only."
+        )
+    return line
 
 
 def intruder_section(study: dict[str, Any]) -> list[str]:

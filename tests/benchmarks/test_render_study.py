@@ -304,6 +304,15 @@ def test_rslora_claim_is_judged_at_the_matched_rate_only(monkeypatch, tmp_path):
     line = claim(_r64_study({3e-5: 0.6, 1e-4: 0.135, 3e-4: 1.6}))
     assert "LoRA r=64 at 0.0003 has mean validation loss 0.1;" in line and "is 0.0001" in line
     assert "**reproduced**" in line and "over 5 paired seeds" in line
+    assert "Also inside the margin" not in line
+    # two rates inside the margin: the closest is judged, the other is shown without a verdict
+    line = claim(_r64_study({3e-5: 0.13, 1e-4: 0.135, 3e-4: 1.6}))
+    assert "is 3e-05: 0.132" in line and "**reproduced**" in line
+    assert line.endswith(
+        "Also inside the margin: rsLoRA r=64 at 0.0001 (mean validation loss 0.137): minus LoRA "
+        "r=64 in intruders_0.5, mean -2, 95% interval [-2, -2]; the rule judges the closest rate "
+        "only."
+    )
     # the rate closest in loss has more intruders: judged there, so not reproduced
     line = claim(_r64_study({3e-5: 0.6, 1e-4: 0.3, 3e-4: 0.12}))
     assert "is 0.0003: 0.122" in line and "**not reproduced**" in line
