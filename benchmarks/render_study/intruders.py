@@ -47,6 +47,9 @@ def plot_intruders(study: dict[str, Any], path: Path) -> None:
                 label=f"{config}, lr {lr:g} ({len(runs)} seeds)",
             )
             ax.fill_between(x, [min(v) for v in per_eps], [max(v) for v in per_eps], alpha=0.2)
+        # diverged runs have tens of intruders per layer, trained ones a few: a log scale above
+        # 0.1 keeps both readable (linear below it, so zero counts stay on the plot)
+        ax.set_yscale("symlog", linthresh=0.1)
 
 
 def _with_intruders(runs: Runs) -> Runs:
