@@ -16,7 +16,7 @@ from benchmarks.render_study.common import (
     verdict_line,
     with_interval,
 )
-from benchmarks.stats import INCONCLUSIVE, t_interval
+from benchmarks.stats import INCONCLUSIVE, paired_verdict
 
 
 def variants(runs: Runs) -> list[tuple[str, float]]:
@@ -68,20 +68,21 @@ def _rslora_line(lora64: Runs, rs64: Runs) -> str:
     from benchmarks.study_intruders import CONFIGS, MATCH_MARGIN
 
     claim = "Rank-stabilised LoRA at rank 64 has fewer intruders than LoRA at rank 64"
-    grids = {"LoRA r=64": (lora64, CONFIGS["LoRA r=64"][1])}
-    grids["rsLoRA r=64"] = (rs64, CONFIGS["rsLoRA r=64"][1])
-    seed_sets = [{r["seed"] for r in pick(rs, lr=lr)} for rs, grid in grids.values() for lr in grid]
-    seeds = set.intersection(*seed_sets)
+    lora_grid, rs_grid = CONFIGS["LoRA r=64"][1], CONFIGS["rsLoRA r=64"][1]
+    cells = [pick(lora64, lr=lr) for lr in lora_grid] + [pick(rs64, lr=lr) for lr in rs_grid]
+    seeds = set.intersection(*({r["seed"] for r in rs} for rs in cells))
     if not seeds:
         plan = "; ".join(
-            f"{n} at {', '.join(f'{lr:g}' for lr in g)}" for n, (_, g) in grids.items()
+            f"{n} at {', '.join(f'{lr:g}' for lr in g)}"
+            for n, g in (("LoRA r=64", lora_grid), ("rsLoRA r=64", rs_grid))
         )
         return f"- {claim}: not compared yet: no seed has run every planned rate ({plan})."
+    lora64 = [r for r in lora64 if r["seed"] in seeds]
+    rs64 = [r for r in rs64 if r["seed"] in seeds]
 
     def loss(runs: Runs, lr: float) -> float:
-        return mean([r["val_loss"] for r in pick(runs, lr=lr) if r["seed"] in seeds])
+        return mean([r["val_loss"] for r in pick(runs, lr=lr)])
 
-    lora_grid, rs_grid = grids["LoRA r=64"][1], grids["rsLoRA r=64"][1]
     ref = min(lora_grid, key=lambda lr: loss(lora64, lr))
     target = loss(lora64, ref)
     matched = min(rs_grid, key=lambda lr: abs(loss(rs64, lr) - target))
@@ -89,7 +90,7 @@ def _rslora_line(lora64: Runs, rs64: Runs) -> str:
     reference = (
         f"LoRA r=64's best rate of {rates} is {ref:g}"
         if len(lora_grid) > 1
-        else (f"LoRA r=64 at {ref:g} has")
+        else f"LoRA r=64 at {ref:g} has"
     )
     match = (
         f"over the {len(seeds)} seed{'' if len(seeds) == 1 else 's'} that ran every planned "
@@ -102,28 +103,28 @@ def _rslora_line(lora64: Runs, rs64: Runs) -> str:
             f"- {claim}: not compared at matched validation loss ({match}, a gap above the "
             f"margin of {MATCH_MARGIN:g} stated before the runs): **{INCONCLUSIVE}**."
         )
-    lora = [r for r in pick(lora64, lr=ref) if r["seed"] in seeds]
+    lora = pick(lora64, lr=ref)
     line = verdict_line(
         f"{claim}, at matched validation loss ({match}; margin {MATCH_MARGIN:g})",
         f"rsLoRA r=64 (lr {matched:g})",
-        [r for r in pick(rs64, lr=matched) if r["seed"] in seeds],
+        pick(rs64, lr=matched),
         f"LoRA r=64 (lr {ref:g})",
         lora,
         "intruders_0.5",
         "less",
     )
-    # the other rates inside the margin, for the reader to judge how much the choice decides
+    # the other rates inside the margin, for the reader to judge how much the choice decides;
+    # only the paired difference is shown, the verdict's label is not
     others = [
         lr for lr in rs_grid if lr != matched and abs(loss(rs64, lr) - target) <= MATCH_MARGIN
     ]
+    b = by_seed(lora, "intruders_0.5")
     for lr in others:
-        b = by_seed(lora, "intruders_0.5")
-        a = by_seed([r for r in pick(rs64, lr=lr) if r["seed"] in seeds], "intruders_0.5")
-        d, low, high = t_interval([a[s] - b[s] for s in sorted(set(a) & set(b))])
+        v = paired_verdict(by_seed(pick(rs64, lr=lr), "intruders_0.5"), b, "less")
         line += (
             f"\n    - Also inside the margin: rsLoRA r=64 at {lr:g} (mean validation loss "
-            f"{loss(rs64, lr):.4g}): minus LoRA r=64 in intruders_0.5, mean {d:+.4g}, 95% "
-            f"interval [{low:+.4g}, {high:+.4g}]; the rule judges the closest rate only."
+            f"{loss(rs64, lr):.4g}): minus LoRA r=64 in intruders_0.5, mean {v.mean:+.4g}, 95% "
+            f"interval [{v.low:+.4g}, {v.high:+.4g}]; the rule judges the closest rate only."
         )
     return line
 
