@@ -222,16 +222,18 @@ def test_changed_result_files_do_not_make_a_checkout_dirty(tmp_path):
     assert git_commit(tmp_path)["dirty"] is True
 
 
+def _intruder_run(config: str, lr: float, seed: int, loss: float, at05: int, at07: int) -> dict:
+    return {**STAMP, "config": config, "lr": lr, "seed": seed, "layers": 36, "val_loss": loss,
+            "val_acc": 0.9, "mean_delta_effective_rank": 1.0, "update_norm_ratio": 0.05,
+            "intruders_by_epsilon": {"0.5": at05, "0.7": at07}}  # fmt: skip
+
+
 def _intruder_study(configs: tuple[str, ...]) -> dict:
     runs = []
     for s in range(5):
         for c in configs:
             count = 0 if c == "full fine-tuning" else 3 + s % 2  # LoRA: 3-4 intruders per seed
-            runs.append(
-                {**STAMP, "config": c, "lr": 1e-3, "seed": s, "layers": 36, "val_loss": 0.1,
-                 "val_acc": 0.9, "mean_delta_effective_rank": 1.0, "update_norm_ratio": 0.05,
-                 "intruders_by_epsilon": {"0.5": count, "0.7": 2 * count}}
-            )  # fmt: skip
+            runs.append(_intruder_run(c, 1e-3, s, 0.1, count, 2 * count))
     return {"runs": runs, "steps": 3, "batch_size": 2, "max_length": 8, "k": 10,
             "epsilons": [0.5, 0.7]}  # fmt: skip
 
@@ -264,25 +266,18 @@ def test_progress_counts_planned_runs_under_the_method_only():
     assert "700 s (median)" in text
 
 
-def _r64_study(rs_loss: dict[float, float], seeds: int = 5) -> dict:
+def _r64_study(rs_loss: dict[float, float]) -> dict:
     """LoRA r=64 at 3e-4 (val loss 0.10, 4 intruders per seed) and diverged at 1e-3, a rate not
-    in the plan (val loss 1.6, 0 intruders); rsLoRA r=64 at each rate with its given val loss and 2 intruders, except
-    at 3e-4, where it has 6."""
-    study = {**_intruder_study(()), "head_lr": 1e-3}
-
-    def add(config: str, lr: float, s: int, loss: float, count: int) -> None:
-        study["runs"].append(
-            {**STAMP, "config": config, "lr": lr, "seed": s, "layers": 36, "val_loss": loss,
-             "val_acc": 0.9, "mean_delta_effective_rank": 1.0, "update_norm_ratio": 0.05,
-             "intruders_by_epsilon": {"0.5": count, "0.7": count}}
-        )  # fmt: skip
-
-    for s in range(seeds):
-        add("LoRA r=64", 3e-4, s, 0.1, 4)
-        add("LoRA r=64", 1e-3, s, 1.6, 0)
+    in the plan (val loss 1.6, 0 intruders); rsLoRA r=64 at each rate with its given val loss
+    and 2 intruders, except at 3e-4, where it has 6."""
+    runs = []
+    for s in range(5):
+        runs.append(_intruder_run("LoRA r=64", 3e-4, s, 0.1, 4, 4))
+        runs.append(_intruder_run("LoRA r=64", 1e-3, s, 1.6, 0, 0))
         for lr, loss in rs_loss.items():
-            add("rsLoRA r=64", lr, s, loss + 0.001 * s, 6 if lr == 3e-4 else 2)
-    return study
+            count = 6 if lr == 3e-4 else 2
+            runs.append(_intruder_run("rsLoRA r=64", lr, s, loss + 0.001 * s, count, count))
+    return {**_intruder_study(()), "runs": runs, "head_lr": 1e-3}
 
 
 def test_rslora_claim_is_judged_at_the_matched_rate_only(monkeypatch, tmp_path):
