@@ -113,6 +113,44 @@ def _delta_lines(runs: Runs) -> list[str]:
     ]
 
 
+def _not_run_lines(runs: Runs) -> list[str]:
+    """A line for each comparison of the plan whose method has no run in ``runs`` yet, with the
+    command that runs just that comparison (the method and its baseline at the method's rates)."""
+    from benchmarks.study_methods import ADALORA_BUDGETS, CONFIGS, LORA_DROP_THRESHOLDS
+
+    pairs = [(name, f"LoRA r={target}") for name, (_, target) in ADALORA_BUDGETS.items()]
+    pairs += [(f"LoRA-drop r=8 t={t:g}", "LoRA r=8") for t in LORA_DROP_THRESHOLDS]
+    pairs.append(("Delta-LoRA r=8", "LoRA r=8"))
+    have = set(configs(runs))
+    lines = []
+    for method, base in pairs:
+        if method in have:
+            continue
+        only = f"--only 'config={method}' 'config={base}'"
+        if not set(CONFIGS[base]) <= set(CONFIGS[method]):  # the baseline runs at more rates
+            only += "".join(f" lr={lr}" for lr in sorted(set(CONFIGS[method])))
+        lines.append(
+            f"- {method} against {base}: not run yet under this method "
+            f"(`python -m benchmarks.study --studies methods {only}`)."
+        )
+    return lines
+
+
+def _plan(study: dict[str, Any]) -> str:
+    """The rates and thresholds the study's file says it ran with (files from before the plan
+    name none)."""
+    parts = []
+    if "adalora_lr" in study:
+        parts.append(f"AdaLoRA and its LoRA baselines at lr {study['adalora_lr']:g}")
+    if "lora_drop_thresholds" in study:
+        thresholds = ", ".join(f"{t:g}" for t in study["lora_drop_thresholds"])
+        parts.append(f"LoRA-drop at thresholds {thresholds}, against LoRA r=8 at the same rate")
+    if "delta_lrs" in study:
+        rates = ", ".join(f"{lr:g}" for lr in study["delta_lrs"])
+        parts.append(f"Delta-LoRA and LoRA r=8 each over lr {rates}")
+    return "; ".join(parts) + ". " if parts else ""
+
+
 def methods_section(study: dict[str, Any]) -> list[str]:
     runs = study["runs"]
     margin = study.get("lora_drop_margin")
@@ -121,8 +159,9 @@ def methods_section(study: dict[str, Any]) -> list[str]:
         study,
         "methods",
         f"MiniLM on Debian fortunes topics, {study['steps']} steps, batch {study['batch_size']}, "
-        f"36 encoder layers. AdaLoRA: {knobs(study['adalora'])}; LoRA-drop: "
+        f"adapters on the 36 encoder linear layers. AdaLoRA: {knobs(study['adalora'])}; LoRA-drop: "
         f"{knobs(study['lora_drop'])}; Delta-LoRA: {knobs(study['delta_lora'])}. "
+        + _plan(study)
         + (
             f"LoRA-drop's equivalence margin on test accuracy: +/-{margin:g}. "
             if margin is not None
@@ -150,4 +189,6 @@ def methods_section(study: dict[str, Any]) -> list[str]:
             )
     lines += ["", "Claims (test accuracy):", ""]
     lines += _adalora_lines(runs) + _lora_drop_lines(runs, margin) + _delta_lines(runs)
+    if any(r.get("commit") for r in runs):  # a file under the plan: say what it still lacks
+        lines += _not_run_lines(runs)
     return lines

@@ -323,3 +323,41 @@ def test_rslora_claim_is_judged_at_the_matched_rate_only(monkeypatch, tmp_path):
     # no seed ran every planned rate
     study["runs"] = [r for r in study["runs"] if r["lr"] != 3e-5]
     assert "not compared yet: no seed has run every planned rate" in claim(study)
+
+
+def test_planned_comparisons_without_runs_are_listed_with_their_command():
+    from benchmarks import study_methods
+    from benchmarks.study_common import parse_only, selected
+
+    study = _methods_study(0.05)
+    lines = methods_section(study)
+    missing = [line for line in lines if "not run yet" in line]
+    # AdaLoRA 12 -> 8 and LoRA-drop t=0.9 have runs; the other three comparisons have none
+    assert [line.split(" against ")[0] for line in missing] == [
+        "- AdaLoRA 3 -> 2",
+        "- LoRA-drop r=8 t=0.8",
+        "- LoRA-drop r=8 t=0.95",
+        "- Delta-LoRA r=8",
+    ]
+    wanted = {
+        "AdaLoRA 3 -> 2": {("AdaLoRA 3 -> 2", 1e-3), ("LoRA r=2", 1e-3)},
+        "LoRA-drop r=8 t=0.8": {("LoRA-drop r=8 t=0.8", 1e-3), ("LoRA r=8", 1e-3)},
+        "LoRA-drop r=8 t=0.95": {("LoRA-drop r=8 t=0.95", 1e-3), ("LoRA r=8", 1e-3)},
+        "Delta-LoRA r=8": {
+            (c, lr) for c in ("Delta-LoRA r=8", "LoRA r=8") for lr in study_methods.DELTA_LRS
+        },
+    }
+    tasks = study_methods.tasks([0])
+    for line in missing:
+        method = line[2:].split(" against ")[0]
+        pairs = re.findall(r"'([^']*)'|(lr=\S+?)(?=[ `])", line.split("--only ", 1)[1])
+        only = parse_only([quoted or bare for quoted, bare in pairs])
+        chosen = {(t["config"], t["lr"]) for t in tasks if selected(t, only)}
+        assert chosen == wanted[method], line
+
+
+def test_a_file_from_before_the_plan_lists_nothing_as_not_run():
+    study = _methods_study(0.05)
+    for r in study["runs"]:
+        del r["commit"]
+    assert not [line for line in methods_section(study) if "not run yet" in line]
