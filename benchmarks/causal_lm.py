@@ -31,7 +31,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -53,7 +52,7 @@ from benchmarks.common import (  # noqa: E402
     time_interleaved,
 )
 from benchmarks.methods import ENTRIES, LORA_FA, MethodEntry, build_ours, build_peft  # noqa: E402
-from benchmarks.provenance import provenance  # noqa: E402
+from benchmarks.provenance import cpu_device, provenance  # noqa: E402
 from benchmarks.report_causal import counterpart  # noqa: E402
 from benchmarks.stats import t_interval  # noqa: E402
 
@@ -413,7 +412,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "configs": {e.name: e.kwargs for e in methods},
             "quant": args.quant,
             "command": "python -m benchmarks.causal_lm " + " ".join(argv or sys.argv[1:]),
-            **provenance(f"CPU ({platform.machine()}, {os.cpu_count()} CPUs), torch threads 1"),
+            **provenance(cpu_device()),
         },
         "targets": TARGETS,
         "modes": {},

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.provenance import git_commit
+from benchmarks.provenance import commit_phrase, cpu_device, provenance
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULT = ROOT / "benchmarks" / "results" / "fsdp_memory.json"
@@ -124,8 +124,6 @@ def worker(kind: str, out: Path) -> None:
 
 
 def run() -> dict[str, Any]:
-    import lightning
-
     results: dict[str, Any] = {}
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
@@ -138,14 +136,14 @@ def run() -> dict[str, Any]:
             ]
     return {
         "meta": {
-            "commit": git_commit()["commit"] or "unknown",
             "model": "SmolLM2-135M (float32)",
             "method": "LoRA(rank=8), all-linear",
             "ranks": 2,
             "batch_per_rank": [1, SEQ],
             "steps": STEPS,
             "wall_seconds": time.time() - start,
-            "versions": {"torch": torch.__version__, "lightning": lightning.__version__},
+            # two gloo ranks, each on one intra-op thread
+            **provenance(f"{cpu_device()} per rank"),
         },
         "ranks": results,
     }
@@ -159,7 +157,9 @@ def markdown_section(res: dict[str, Any]) -> list[str]:
         "",
         f"{meta['model']}, {meta['method']}, {meta['ranks']} CPU ranks (gloo), a batch of "
         f"{meta['batch_per_rank'][0]} x {meta['batch_per_rank'][1]} tokens per rank, "
-        f"{meta['steps']} AdamW steps; commit `{meta['commit'][:10]}`. Re-run with "
+        f"{meta['steps']} AdamW steps; "
+        + (f"{meta['device']}, " if meta.get("device") else "")
+        + f"{commit_phrase(meta)}. Re-run with "
         "`python -m benchmarks.fsdp_memory`. Mean over the ranks, MiB.",
         "",
         "| strategy | parameters held | optimizer state | RSS before training | peak RSS |",

@@ -6,6 +6,7 @@ refuse to compare results from different devices and say when a file predates th
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -54,6 +55,12 @@ def versions() -> dict[str, str | None]:
             out[name] = None
     out["python"] = platform.python_version()
     return out
+
+
+def cpu_device(threads: int = 1) -> str:
+    """This machine's CPU as the result files name it, say ``CPU (x86_64, 2 CPUs), torch threads
+    1``."""
+    return f"CPU ({platform.machine()}, {os.cpu_count()} CPUs), torch threads {threads}"
 
 
 def provenance(device: str) -> dict[str, Any]:

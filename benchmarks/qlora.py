@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.provenance import commit_phrase, git_commit
+from benchmarks.provenance import commit_phrase, cpu_device, provenance, versions
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULT = ROOT / "benchmarks" / "results" / "qlora.json"
@@ -190,17 +190,11 @@ def run(rounds: int, batch: int, seq: int) -> dict[str, Any]:
         }
     import bitsandbytes
     import peft
-    import transformers
 
     return {
-        **git_commit(),
+        **provenance(cpu_device()),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "versions": {
-            "torch": torch.__version__,
-            "bitsandbytes": bitsandbytes.__version__,
-            "peft": peft.__version__,
-            "transformers": transformers.__version__,
-        },
+        "versions": {**versions(), "bitsandbytes": bitsandbytes.__version__},
         "setup": {
             "model": "SmolLM2-135M-Instruct (LlamaForCausalLM), float32 compute",
             "adapter": f"rank {RANK}, alpha {ALPHA:g}, all linear layers but the tied head",
@@ -228,7 +222,8 @@ def table(res: dict[str, Any]) -> str:
     s = res["setup"]
     lines = [
         f"SmolLM2-135M, batch {s['batch']} x {s['seq']} tokens, {s['adapter']}; "
-        f"{s['quantisation']}; one CPU thread, median of {s['rounds']} interleaved rounds "
+        f"{s['quantisation']}; {res.get('device', 'one CPU thread')}, median of {s['rounds']} "
+        "interleaved rounds "
         f"({commit_phrase(res)}, {res['date']}, bitsandbytes "
         f"{res['versions']['bitsandbytes']}, PEFT {res['versions']['peft']}).",
         "",

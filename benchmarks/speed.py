@@ -49,7 +49,7 @@ from benchmarks.common import (
     time_interleaved,
 )
 from benchmarks.methods import ENTRIES, build_ours, build_peft
-from benchmarks.provenance import provenance
+from benchmarks.provenance import cpu_device, provenance
 from benchmarks.report import markdown_report
 from benchmarks.stats import t_interval
 
@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
             "warmup_steps": WARMUP_STEPS,
             "order": "shuffled anew each round (seeded)",
             "memory_repeats": args.memory_repeats,
-            **provenance(f"CPU ({platform.machine()}, {os.cpu_count()} CPUs), torch threads 1"),
+            **provenance(cpu_device()),
             "skipped": skipped,
             "command": "make bench  (python -m benchmarks.speed)",
             "wall_seconds": None,

@@ -72,6 +72,7 @@ def test_fsdp_memory_section_renders_from_a_result():
     res = {
         "meta": {
             "commit": "0123456789abcdef",
+            "device": "CPU (x86_64, 2 CPUs), torch threads 1 per rank",
             "model": "m",
             "method": "LoRA",
             "ranks": 2,
@@ -84,3 +85,4 @@ def test_fsdp_memory_section_renders_from_a_result():
     assert "| DDP | 2.0 | 0.50 | 10 | 20 |" in text
     assert "| FSDP2 (ModelParallelStrategy) | 1.0 | 0.25 | 8 | 25 |" in text
     assert "`0123456789`" in text and "peak RSS of FSDP2 is above" in text
+    assert "CPU (x86_64, 2 CPUs), torch threads 1 per rank" in text
