@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.render_study import render_study
-from benchmarks.report import markdown_report
+from benchmarks.report import central, markdown_report
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -40,10 +40,10 @@ def _plot_speed(res: dict[str, Any], path: Path) -> None:
         """The bar (interval mean, or the median in older files) and its error bar."""
         if not d:
             return float("nan"), (0.0, 0.0)
+        m = central(d)
         if "ratio_high" in d:
-            m = d["ratio_mean"]
             return m, (m - d["ratio_low"], d["ratio_high"] - m)
-        return d["ratio"], (0.0, 0.0)
+        return m, (0.0, 0.0)
 
     def bars(err: tuple) -> list | None:
         """Error bars only where the file has intervals (older files have none to show)."""
@@ -103,12 +103,20 @@ def _arithmetic_notes(res: dict[str, Any]) -> list[str]:
     tr = res["training"]["methods"]
     for name, limit in res["targets"].get("ours_over_peft", {}).items():
         row = tr.get(name)
-        if row is None or "peft" not in row or row["ours_over_peft"] <= limit:
+        if row is None or "peft" not in row:
             continue
-        needed = limit * row["peft"]["ratio"]
+        vs = row.get("ours_over_peft_interval")
+        if (
+            (vs["ratio_high"] < limit)
+            if vs and "ratio_high" in vs
+            else row["ours_over_peft"] <= limit
+        ):
+            continue  # met: nothing to explain
+        peft_floors = central(row["peft"])
+        needed = limit * peft_floors
         bound = ar["methods"].get(name, {}).get("bound")
         notes.append(
-            f"- {name} against PEFT: PEFT's {name} runs at {row['peft']['ratio']:.2f} floors "
+            f"- {name} against PEFT: PEFT's {name} runs at {peft_floors:.2f} floors "
             f"here, so {limit:.2f}x of it means {needed:.2f} floors"
             + (f", with this method's arithmetic alone at {bound:.2f}" if bound else "")
             + f". The target was set when PEFT's {name} measured "
