@@ -52,7 +52,7 @@ from benchmarks.common import (  # noqa: E402
     time_interleaved,
 )
 from benchmarks.methods import ENTRIES, LORA_FA, MethodEntry, build_ours, build_peft  # noqa: E402
-from benchmarks.provenance import cpu_device, provenance  # noqa: E402
+from benchmarks.provenance import command_line, cpu_device, provenance  # noqa: E402
 from benchmarks.report_causal import counterpart  # noqa: E402
 from benchmarks.stats import t_interval  # noqa: E402
 
@@ -143,9 +143,8 @@ def script_meta(script: str, argv: list[str] | None, tiny: bool, batch: int, seq
         "model": "tiny random Llama" if tiny else "SmolLM2-135M-Instruct (float32)",
         "batch": batch,
         "seq_len": seq,
-        "command": f"python -m benchmarks.{script} "
-        + " ".join(sys.argv[1:] if argv is None else argv),
-        **provenance("CPU, torch threads 1"),
+        "command": command_line(f"benchmarks.{script}", argv),
+        **provenance(cpu_device()),
     }
 
 
@@ -411,7 +410,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "memory_repeats": args.memory_repeats,
             "configs": {e.name: e.kwargs for e in methods},
             "quant": args.quant,
-            "command": "python -m benchmarks.causal_lm " + " ".join(argv or sys.argv[1:]),
+            "command": command_line("benchmarks.causal_lm", argv),
             **provenance(cpu_device()),
         },
         "targets": TARGETS,

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,13 @@ def cpu_device(threads: int = 1) -> str:
     """This machine's CPU as the result files name it, say ``CPU (x86_64, 2 CPUs), torch threads
     1``."""
     return f"CPU ({platform.machine()}, {os.cpu_count()} CPUs), torch threads {threads}"
+
+
+def command_line(module: str, argv: list[str] | None) -> str:
+    """``python -m module ARGS`` (``argv``, or this process's own arguments when ``None``) as it
+    would be typed in a shell: an argument with spaces, say ``--only 'config=LoRA r=2'``, is
+    quoted."""
+    return f"python -m {module} " + shlex.join(sys.argv[1:] if argv is None else argv)
 
 
 def provenance(device: str) -> dict[str, Any]:

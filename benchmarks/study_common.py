@@ -27,7 +27,6 @@ import importlib
 import json
 import multiprocessing
 import os
-import sys
 import tempfile
 import time
 import traceback
@@ -42,7 +41,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from benchmarks.provenance import provenance  # noqa: E402
+from benchmarks.provenance import command_line, provenance  # noqa: E402
 from benchmarks.stats import MIN_SEEDS  # noqa: E402
 
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -401,7 +400,7 @@ def main(argv: list[str] | None = None, studies: Iterable[str] = STUDIES) -> Non
             todo += [(name, t) for t in per_study[name] if t["seed"] == seed]
     print(f"{len(todo)} runs to do, {args.jobs} at a time, {threads} threads each", flush=True)
     device = device_name(args.accelerator, threads)
-    command = "python -m benchmarks.study " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command_line("benchmarks.study", argv)
 
     stamp = provenance(device)  # the checkout the runs were started from
 

@@ -154,6 +154,18 @@ def test_provenance_fields():
         assert isinstance(here["dirty"], bool)
 
 
+def test_recorded_command_can_be_pasted_into_a_shell():
+    import shlex
+
+    from benchmarks.provenance import command_line, cpu_device
+
+    argv = ["--studies", "methods", "--only", "config=LoRA r=2", "config=AdaLoRA 3 -> 2"]
+    line = command_line("benchmarks.study", argv)
+    assert line.startswith("python -m benchmarks.study --studies methods --only 'config=LoRA r=2'")
+    assert shlex.split(line) == ["python", "-m", "benchmarks.study", *argv]
+    assert re.fullmatch(r"CPU \(.+, \d+ CPUs\), torch threads 1", cpu_device())
+
+
 def test_section_modules_hold_no_verdict_text():
     # the verdict words come from benchmarks.stats through the Verdict; the sections only pass
     # claims and numbers (common.method_lines states the rule, and is the one place naming them)
