@@ -227,14 +227,79 @@ def markdown_section(res: dict[str, Any], profile: dict[str, Any] | None = None)
     return [*lines, ""]
 
 
+def _same_setup(*metas: dict[str, Any]) -> bool:
+    """Whether results measured the same clean commit at the same batch, sequence and rank (a
+    field a result does not record is not compared)."""
+    first = metas[0]
+    for meta in metas:
+        if meta.get("dirty") or meta.get("commit") is None:
+            return False
+        for key in ("commit", "batch", "seq_len", "rank"):
+            if key in meta and key in first and meta[key] != first[key]:
+                return False
+    return True
+
+
+def peft_target_lines(
+    res: dict[str, Any], timed: dict[str, Any], profile: dict[str, Any] | None = None
+) -> list[str]:
+    """What LoRA's target against PEFT leaves for everything LoRA adds to a step, beside what
+    ours adds and what the rank-r products take, from ``timed`` (a ``causal_lm`` result, without
+    checkpointing), ``res`` and the ``profile``. Each figure is a fraction of the floor measured
+    in the same process as it, so results of separate runs compare; nothing unless they all
+    measured the same commit and shapes."""
+    block = timed.get("modes", {}).get("off", {}).get("training") or {}
+    ratios = block.get("ratios", {})
+    limit = timed.get("targets", {}).get("ours_over_peft", {}).get("LoRA")
+    ours, peft = ratios.get("LoRA:ours"), ratios.get("LoRA:peft")
+    if limit is None or not ours or not peft or not _same_setup(res["meta"], timed["meta"]):
+        return []
+    ours_f, peft_f = ours["over_floor"]["mean"], peft["over_floor"]["mean"]
+    allowed = limit * peft_f - 1.0
+    alone = res["per_step_s"]["best"] / res["floor_step_s"]
+    text = (
+        f"Against PEFT (the causal-LM run of {commit_phrase(timed['meta'])}, no checkpointing, "
+        f"means over rounds): PEFT's LoRA step is {peft_f:.3f} floors, so the target of at most "
+        f"{limit:.2f} of it is {limit * peft_f:.3f} floors, which leaves {allowed:.1%} of the "
+        f"floor for everything LoRA adds; ours adds {ours_f - 1:.1%}. The rank-r products "
+        f"alone take {alone:.1%} of the floor (above)"
+    )
+    variants = (profile or {}).get("variants", {})
+    inside = None
+    if (
+        profile
+        and {"LoRA:ours", "floor"} <= set(variants)
+        and _same_setup(res["meta"], profile["meta"])
+    ):
+        from benchmarks.profile_causal import estimated_kinds
+
+        rank_r = estimated_kinds(variants["LoRA:ours"]).get("rank-r products", 0.0)
+        inside = rank_r / variants["floor"]["step_s"]
+        text += f" and {inside:.1%} inside the profiled step"
+    if alone >= allowed:
+        text += ": more than the target leaves, before any other cost of LoRA."
+    elif inside is not None and inside >= allowed:
+        text += (
+            f": alone they fit in it with {allowed - alone:.1%} of the floor to spare, but as "
+            "they run inside a step they take more than it leaves, before any other cost of LoRA."
+        )
+    else:
+        worst = alone if inside is None else inside
+        text += (
+            f": that leaves {allowed - worst:.1%} of the floor for the rest of what LoRA adds "
+            f"(the optimizer, the adapter's elementwise work), where ours spends "
+            f"{ours_f - 1 - worst:.1%}."
+        )
+    text += f" The target moves with PEFT's own cost over the floor, {peft_f - 1:.1%} in that run."
+    return [text, ""]
+
+
 def _in_step(res: dict[str, Any], profile: dict[str, Any] | None) -> list[str]:
     """One sentence comparing the products alone with their share of a profiled LoRA step, when
     the profile measured the same commit and shapes (else nothing: the two would not compare)."""
     if profile is None or "LoRA:ours" not in profile.get("variants", {}):
         return []
-    meta, pmeta = res["meta"], profile["meta"]
-    same = all(meta.get(k) == pmeta.get(k) for k in ("commit", "batch", "seq_len", "rank"))
-    if not same or meta.get("dirty") or pmeta.get("dirty"):
+    if not _same_setup(res["meta"], profile["meta"]):
         return []
     from benchmarks.profile_causal import estimated_kinds
 

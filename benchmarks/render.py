@@ -215,8 +215,12 @@ def causal_lines() -> list[str]:
     products = RESULTS / "rank_products.json"
     if products.exists():
         from benchmarks.rank_products import markdown_section as products_section
+        from benchmarks.rank_products import peft_target_lines
 
-        lines += products_section(json.loads(products.read_text()), profile)
+        measured = json.loads(products.read_text())
+        lines += products_section(measured, profile)
+        timed = later if targets.exists() else json.loads(path.read_text())
+        lines += peft_target_lines(measured, timed, profile)
     return lines
 
 

@@ -87,3 +87,51 @@ def test_products_in_a_step_are_compared_only_at_the_same_commit():
     assert "take 0.60 s, 2.0 times their time alone" in text
     profile["meta"]["commit"] = "def"
     assert "profiled LoRA step" not in "\n".join(rp.markdown_section(res, profile))
+
+
+def _timed(commit: str, ours: float, peft: float) -> dict:
+    """A causal-LM result with LoRA's step means over the floor (no checkpointing)."""
+    return {
+        "meta": {"commit": commit, "dirty": False, "batch": 4, "seq_len": 256},
+        "targets": {"ours_over_peft": {"LoRA": 0.92}},
+        "modes": {"off": {"training": {"ratios": {
+            "LoRA:ours": {"over_floor": {"mean": ours}},
+            "LoRA:peft": {"over_floor": {"mean": peft}},
+        }}}},
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "products, in_step, verdict",
+    [
+        (1.6, None, "more than the target leaves, before any other cost"),
+        (0.3, 0.05, "to spare, but as they run inside a step they take more"),
+        (0.3, 0.02, "that leaves 7.2% of the floor for the rest"),
+    ],
+)
+def test_peft_target_sentence_follows_the_numbers(products, in_step, verdict):
+    meta = {"commit": "abc", "dirty": False, "batch": 4, "seq_len": 256, "rank": 8}
+    res = {"meta": meta, "floor_step_s": 10.0, "per_step_s": {"best": products}}
+    # PEFT at 1.25 floors: 0.92 of it is 1.15 floors, leaving 15.0 % of the floor to LoRA
+    timed = _timed("abc", 1.2, 1.25)
+    profile = None
+    if in_step is not None:
+        lora = {"step_s": 1.0, "profiled_s": {"rank-r products": in_step * 8, "other": 8.0}}
+        profile = {"meta": dict(meta), "variants": {"floor": {"step_s": 0.25}, "LoRA:ours": lora}}
+    (text, _) = rp.peft_target_lines(res, timed, profile)
+    assert "leaves 15.0% of the floor for everything LoRA adds; ours adds 20.0%" in text
+    assert f"alone take {products / 10:.1%} of the floor" in text
+    assert verdict in text
+    assert "PEFT's own cost over the floor, 25.0% in that run" in text
+    if in_step == 0.02:  # the rank-r share of a 1 s step, 0.02 / 1.02 s, over a 0.25 s floor
+        assert "7.8% inside the profiled step" in text and "where ours spends 12.2%" in text
+
+
+def test_peft_target_sentence_needs_the_same_commit():
+    meta = {"commit": "abc", "dirty": False, "batch": 4, "seq_len": 256, "rank": 8}
+    res = {"meta": meta, "floor_step_s": 10.0, "per_step_s": {"best": 0.3}}
+    assert rp.peft_target_lines(res, _timed("def", 1.2, 1.25)) == []
+    dirty = _timed("abc", 1.2, 1.25)
+    dirty["meta"]["dirty"] = True
+    assert rp.peft_target_lines(res, dirty) == []
+    assert rp.peft_target_lines(res, _timed("abc", 1.2, 1.25)) != []
