@@ -214,7 +214,11 @@ def progress(name: str, runs: Runs) -> str:
     text = f"{len(done)} of the {len(planned)} planned runs ({seeds}) have run under this method"
     seconds = [r["train_seconds"] for r in current if r.get("train_seconds") is not None]
     if seconds:
-        text += f"; a run trained for {statistics.median(seconds):.0f} s (median)"
+        median = statistics.median(seconds)
+        text += f"; a run trained for {median:.0f} s (median)"
+        left = len(planned) - len(done)
+        if left:
+            text += f", so the {left} left take about {left * median / 3600:.1f} h one at a time"
     return text + "."
 
 

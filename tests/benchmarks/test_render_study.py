@@ -275,7 +275,7 @@ def test_progress_counts_planned_runs_under_the_method_only():
     ]
     text = common.progress("intruders", runs)
     assert text.startswith("2 of the 35 planned runs (seeds 0-4)")
-    assert "700 s (median)" in text
+    assert "700 s (median), so the 33 left take about 6.4 h one at a time" in text
 
 
 def _r64_study(rs_loss: dict[float, float]) -> dict:
