@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.page_table import publish, write_between
-from benchmarks.provenance import commit_phrase, provenance
+from benchmarks.provenance import code_since, commit_phrase, provenance
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULT = ROOT / "benchmarks" / "results" / "adalora_cost.json"
@@ -112,7 +112,8 @@ def table(r: dict) -> str:
         [
             f"MiniLM, {r['layers']} AdaLoRA layers (r = {r['rank']}), batch {batch} x {length} "
             f"tokens, AdamW, {r['threads']} CPU thread(s), {r['clock']}, median of {r['reps']} "
-            f"repetitions ({commit_phrase(r)}, torch {r['versions']['torch']}).",
+            f"repetitions ({commit_phrase(r)}, torch {r['versions']['torch']}). "
+            + code_since(r.get("commit")),
             "",
             "| | per step |",
             "|---|---|",

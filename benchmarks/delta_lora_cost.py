@@ -32,7 +32,7 @@ import torch
 
 from benchmarks.common import TARGET, Runner, load_base, make_batch, time_interleaved
 from benchmarks.page_table import publish, write_between
-from benchmarks.provenance import commit_phrase, provenance
+from benchmarks.provenance import code_since, commit_phrase, provenance
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULT = ROOT / "benchmarks" / "results" / "delta_lora_cost.json"
@@ -120,7 +120,8 @@ def table(r: dict) -> str:
         [
             f"MiniLM, LoRA r=8 on {r['layers']} layers, batch 16 x 64, {r['threads']} CPU "
             f"thread(s), {r.get('clock', 'wall time')}, median of {r['reps']} interleaved rounds of {r.get('steps', '?')} "
-            f"steps ({commit_phrase(r)}, torch {r.get('versions', {}).get('torch', '?')}).",
+            f"steps ({commit_phrase(r)}, torch {r.get('versions', {}).get('torch', '?')}). "
+            + code_since(r.get("commit")),
             "",
             "| | per step |",
             "|---|---|",

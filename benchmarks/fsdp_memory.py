@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.provenance import commit_phrase, cpu_device, provenance
+from benchmarks.provenance import code_since, commit_phrase, cpu_device, provenance
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULT = ROOT / "benchmarks" / "results" / "fsdp_memory.json"
@@ -160,7 +160,8 @@ def markdown_section(res: dict[str, Any]) -> list[str]:
         f"{meta['steps']} AdamW steps; "
         + (f"{meta['device']}, " if meta.get("device") else "")
         + f"{commit_phrase(meta)}. Re-run with "
-        "`python -m benchmarks.fsdp_memory`. Mean over the ranks, MiB.",
+        "`python -m benchmarks.fsdp_memory`. Mean over the ranks, MiB. "
+        + code_since(meta.get("commit")),
         "",
         "| strategy | parameters held | optimizer state | RSS before training | peak RSS |",
         "|---|---|---|---|---|",

@@ -31,7 +31,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks import causal_lm
-from benchmarks.provenance import commit_phrase
+from benchmarks.provenance import code_since, commit_phrase
 
 RANK = 8  # the rank of every method in benchmarks.methods
 PHASES = ("forward", "backward", "optimizer")
@@ -200,7 +200,7 @@ def markdown_section(res: dict[str, Any]) -> list[str]:
         "rest, each its share of the operators' own CPU time under `torch.profiler` (median "
         f"over {meta.get('profiled_steps', 1)} profiled steps) times the measured step. The "
         "difference rows are a variant minus the floor. A single run on a shared machine: "
-        "differences of a few hundredths of a second are noise.",
+        "differences of a few hundredths of a second are noise. " + code_since(meta.get("commit")),
         "",
         "| variant | forward | backward | optimizer | step | " + " | ".join(kinds) + " |",
         "|---|---|---|---|---|" + "---|" * len(kinds),

@@ -19,6 +19,22 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = "benchmarks/results"
 
 
+#: the library's own code, whose changes since a result's commit the pages point out
+LIBRARY = "lightning_lowrank"
+
+
+def _git(root: Path, *args: str) -> str | None:
+    """``git ARGS``'s output in ``root``, or ``None`` when git fails (no checkout, a bad
+    revision)."""
+    try:
+        out = subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, check=True, timeout=30
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
 def git_commit(root: Path = ROOT) -> dict[str, Any]:
     """``{"commit": sha or None, "dirty": bool or None}`` of the checkout at ``root``.
 
@@ -28,13 +44,7 @@ def git_commit(root: Path = ROOT) -> dict[str, Any]:
     """
 
     def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(
-                ["git", *args], cwd=root, capture_output=True, text=True, check=True, timeout=30
-            )
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return out.stdout.strip()
+        return _git(root, *args)
 
     commit = git("rev-parse", "HEAD")
     if commit is None:
@@ -108,4 +118,71 @@ def describe(records: list[dict[str, Any]]) -> str:
     )
     if vers:
         parts.append("versions: " + "; ".join(vers))
-    return "; ".join(parts) + "." if parts else ""
+    note = runs_code_note([r["commit"] for r in records if r.get("commit")])
+    text = "; ".join(parts) + "." if parts else ""
+    return " ".join(x for x in (text, note) if x)
+
+
+def library_changes(commit: str | None, root: Path = ROOT) -> list[str] | None:
+    """The commits after ``commit`` up to ``root``'s HEAD that change the library's code
+    (``lightning_lowrank/``), oldest first, as 10-character hashes.
+
+    ``None`` when git cannot tell: no commit given, no checkout, or ``commit`` not an ancestor
+    of HEAD (say, a commit rewritten since the run).
+    """
+    if not commit or _git(root, "merge-base", "--is-ancestor", commit, "HEAD") is None:
+        return None
+    out = _git(root, "rev-list", "--reverse", f"{commit}..HEAD", "--", LIBRARY)
+    return None if out is None else [line[:10] for line in out.splitlines()]
+
+
+def code_since(commit: str | None, root: Path = ROOT, shown: int = 4) -> str:
+    """One sentence on whether the library's code changed between a result's ``commit`` and
+    the checkout the page is rendered from (its HEAD), naming up to ``shown`` of the commits
+    that changed it; empty when there is no commit or no checkout to ask."""
+    head = _git(root, "rev-parse", "HEAD")
+    if not commit or head is None:
+        return ""
+    changes = library_changes(commit, root)
+    if changes is None:
+        return (
+            f"Commit `{commit[:10]}` is not in the history of `{head[:10]}`, the commit this "
+            "page was rendered from (a commit rewritten or never merged), so whether the library's "
+            "code changed since cannot be told."
+        )
+    at = f"`{head[:10]}`, the commit this page was rendered from"
+    if not changes:
+        return f"The library's code (`{LIBRARY}/`) is the same at {at}."
+    return (
+        f"Since then the library's code (`{LIBRARY}/`) has changed in {_named(changes, shown)} "
+        f"up to {at}: these numbers describe the code as it was at the run's commit."
+    )
+
+
+def _named(changes: list[str], shown: int = 4) -> str:
+    """``3 commits (`a`, `b`, `c`)``, naming at most ``shown`` of them."""
+    n = len(changes)
+    named = ", ".join(f"`{c}`" for c in changes[:shown])
+    more = f" and {n - shown} more" if n > shown else ""
+    return f"{n} commit{'s' * (n > 1)} ({named}{more})"
+
+
+def runs_code_note(commits: list[str], root: Path = ROOT) -> str:
+    """:func:`code_since` for a set of runs made from several ``commits``: measured from the
+    newest of them, plus a sentence when the library's code differs between the oldest and the
+    newest (runs compared with each other then ran different code)."""
+    known = {c: library_changes(c, root) for c in set(commits)}
+    if not known or any(v is None for v in known.values()):
+        return code_since(commits[0], root) if len(set(commits)) == 1 else ""
+    # the newest commit has the fewest library changes after it, the oldest the most
+    order = sorted(known, key=lambda c: (len(known[c] or []), c))
+    newest, oldest = order[0], order[-1]
+    note = code_since(newest, root)
+    between = [c for c in known[oldest] or [] if c not in set(known[newest] or [])]
+    if between:
+        note += (
+            " The runs did not all run the same library code: "
+            f"{_named(between)} changed it between the runs' oldest commit `{oldest[:10]}` and "
+            f"`{newest[:10]}`."
+        )
+    return note

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.provenance import commit_phrase, cpu_device, provenance, versions
+from benchmarks.provenance import code_since, commit_phrase, cpu_device, provenance, versions
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULT = ROOT / "benchmarks" / "results" / "qlora.json"
@@ -225,7 +225,8 @@ def table(res: dict[str, Any]) -> str:
         f"{s['quantisation']}; {res.get('device', 'one CPU thread')}, median of {s['rounds']} "
         "interleaved rounds "
         f"({commit_phrase(res)}, {res['date']}, bitsandbytes "
-        f"{res['versions']['bitsandbytes']}, PEFT {res['versions']['peft']}).",
+        f"{res['versions']['bitsandbytes']}, PEFT {res['versions']['peft']}). "
+        + code_since(res.get("commit")),
         "",
         "| method | library | base weights (MiB) | of float32 | step (s) | ours / PEFT step "
         "| peak training memory (MiB) | ours / PEFT peak |",

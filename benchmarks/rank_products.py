@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from benchmarks import causal_lm
-from benchmarks.provenance import commit_phrase
+from benchmarks.provenance import code_since, commit_phrase
 
 RANK = 8
 CLOCK = time.process_time
@@ -181,7 +181,8 @@ def markdown_section(res: dict[str, Any], profile: dict[str, Any] | None = None)
         f"{meta['date']}): each of the six products a LoRA layer adds to a step, timed alone "
         "on warm operands (process CPU time, one thread, median of "
         f"{meta['repeats']} repeats), the faster of the fused pass's layout and the plain one; "
-        "milliseconds per call, then seconds per step over all layers.",
+        "milliseconds per call, then seconds per step over all layers. "
+        + code_since(meta.get("commit")),
         "",
         "| projection | in x out | " + " | ".join(PRODUCTS) + " | per step (s) |",
         "|---|---|" + "---|" * len(PRODUCTS) + "---|",

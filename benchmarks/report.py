@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from benchmarks.provenance import code_since
+
 NOT_MEASURED = "Not measured in this run."
 
 
@@ -198,7 +200,8 @@ def markdown_report(res: dict[str, Any]) -> str:
         made = (
             f" Commit {meta['commit'][:10]}"
             + (" with uncommitted changes" if meta.get("dirty") else "")
-            + f", device {meta.get('device')}."
+            + f", device {meta.get('device')}. "
+            + code_since(meta["commit"])
         )
     else:
         made = (

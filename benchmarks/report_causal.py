@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from benchmarks.provenance import code_since
+
 
 def counterpart(variant: str) -> str | None:
     """The PEFT variant an ``ours`` variant is compared with (``LoRA:ours-nf4`` ->
@@ -122,7 +124,7 @@ def causal_report(res: dict[str, Any]) -> str:
         "base's smaller weights are not in it: the QLoRA page compares the base weight bytes; "
         "what it shows is the training-time cost of each variant). A `-nf4` row is compared "
         "with PEFT over the same 4-bit layers, against the target of at most PEFT's. Whole run: "
-        f"{meta.get('wall_seconds')} s.",
+        f"{meta.get('wall_seconds')} s. " + code_since(meta.get("commit")),
         "",
     ]
     for mode in res["modes"]:

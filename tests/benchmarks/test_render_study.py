@@ -373,3 +373,51 @@ def test_a_file_from_before_the_plan_lists_nothing_as_not_run():
     for r in study["runs"]:
         del r["commit"]
     assert not [line for line in methods_section(study) if "not run yet" in line]
+
+
+def test_pages_say_whether_the_library_changed_since_a_results_commit(tmp_path):
+    import subprocess
+
+    from benchmarks.provenance import code_since, library_changes, runs_code_note
+
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+        return out.stdout.decode().strip()
+
+    def commit(path: str, text: str) -> str:
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(text)
+        git("add", ".")
+        git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", path)
+        return git("rev-parse", "HEAD")
+
+    assert code_since("a" * 40, tmp_path) == ""  # no checkout: nothing to say
+    git("init", "-q")
+    first = commit("lightning_lowrank/core.py", "x = 1\n")
+    bench = commit("benchmarks/speed.py", "y = 1\n")  # not the library
+    lib1 = commit("lightning_lowrank/core.py", "x = 2\n")
+    lib2 = commit("lightning_lowrank/other.py", "z = 1\n")
+    head = lib2[:10]
+
+    assert library_changes(first, tmp_path) == [lib1[:10], lib2[:10]]
+    assert library_changes(bench, tmp_path) == [lib1[:10], lib2[:10]]
+    assert library_changes(lib2, tmp_path) == []
+    assert library_changes("f" * 40, tmp_path) is None and library_changes(None, tmp_path) is None
+
+    assert code_since(lib2, tmp_path) == (
+        f"The library's code (`lightning_lowrank/`) is the same at `{head}`, the commit this "
+        "page was rendered from."
+    )
+    since = code_since(first, tmp_path)
+    assert f"changed in 2 commits (`{lib1[:10]}`, `{lib2[:10]}`) up to `{head}`" in since
+    assert "and 1 more" in code_since(first, tmp_path, shown=1)
+    assert f"`{'f' * 10}` is not in the history of `{head}`" in code_since("f" * 40, tmp_path)
+    assert code_since(None, tmp_path) == ""
+
+    # runs of one study from several commits: measured from the newest, and a second sentence
+    # only when the library differs between them (a benchmarks-only commit does not count)
+    assert runs_code_note([first, bench], tmp_path) == since
+    mixed = runs_code_note([first, bench, lib2], tmp_path)
+    assert mixed.startswith(code_since(lib2, tmp_path))
+    assert "did not all run the same library code: 2 commits" in mixed
+    assert f"oldest commit `{first[:10]}` and `{head}`" in mixed
