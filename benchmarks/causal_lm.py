@@ -54,7 +54,7 @@ from benchmarks.common import (  # noqa: E402
 from benchmarks.methods import ENTRIES, LORA_FA, MethodEntry, build_ours, build_peft  # noqa: E402
 from benchmarks.provenance import command_line, cpu_device, provenance  # noqa: E402
 from benchmarks.report_causal import counterpart  # noqa: E402
-from benchmarks.stats import t_interval  # noqa: E402
+from benchmarks.stats import ratio_block  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 #: the adapted layers: every linear layer of the decoder blocks (attention and MLP)
@@ -233,11 +233,6 @@ def variants(methods: list[MethodEntry], quant: bool) -> list[str]:
     return out
 
 
-def ratio_block(ratios: list[float]) -> dict[str, Any]:
-    m, low, high = t_interval(ratios)
-    return {"mean": m, "low": low, "high": high, "median": median(ratios), "ratios": ratios}
-
-
 def time_mode(
     base: nn.Module, batch: dict, names: list[str], checkpointing: bool, reps: int, steps: int
 ) -> dict[str, Any]:
@@ -319,27 +314,15 @@ def _memory_process(variant: str, args: argparse.Namespace, checkpointing: bool)
 
 
 def memory_mode(names: list[str], args: argparse.Namespace, checkpointing: bool) -> dict[str, Any]:
-    from benchmarks.common import round_order
+    from benchmarks.memory import measure_all, peak_summary
 
-    readings: dict[str, list[dict]] = {v: [] for v in names}
-    for rep in range(args.memory_repeats):
-        for v in round_order(names, rep):
-            r = _memory_process(v, args, checkpointing)
-            if r is not None:
-                readings[v].append(r)
-                log(f"  memory {v} (checkpointing {checkpointing}): {r['peak_mib']:.0f} MiB")
-    out: dict[str, Any] = {}
-    for v, rs in readings.items():
-        if rs:
-            peaks = [r["peak_mib"] for r in rs]
-            out[v] = {
-                "median_mib": median(peaks),
-                "min_mib": min(peaks),
-                "max_mib": max(peaks),
-                "readings_mib": peaks,
-                "saved_mib": rs[0]["saved_mib"],
-            }
-    return out
+    readings = measure_all(
+        names,
+        args.memory_repeats,
+        log=lambda m: log(f"{m} (checkpointing {checkpointing})"),
+        run_one=lambda v: _memory_process(v, args, checkpointing),
+    )
+    return {v: peak_summary(rs) for v, rs in readings.items()}
 
 
 def log(msg: str) -> None:

@@ -35,8 +35,10 @@ import os
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -114,16 +116,22 @@ def measure(variant: str, steps: int = 3) -> dict[str, float]:
 
 
 def measure_all(
-    variants: list[str], repeats: int, log=print, seed: int = 0
-) -> dict[str, list[dict[str, float]]]:
+    variants: list[str],
+    repeats: int,
+    log: Callable[[str], object] = print,
+    seed: int = 0,
+    run_one: Callable[[str], dict[str, Any] | None] | None = None,
+) -> dict[str, list[dict[str, Any]]]:
     """``repeats`` readings of every variant, each in a fresh process, in rounds whose order is
-    shuffled anew (so no variant always follows the same one)."""
+    shuffled anew (so no variant always follows the same one). ``run_one(variant)`` takes one
+    reading (a dict with ``peak_mib``) or returns ``None`` when the process failed; by default
+    it runs ``python -m benchmarks.memory VARIANT``."""
     from benchmarks.common import round_order
 
-    out: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+    out: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     for rep in range(repeats):
         for v in round_order(variants, rep, seed):
-            result = _run_variant(v)
+            result = (run_one or _run_variant)(v)
             if result is not None:
                 out[v].append(result)
                 log(f"  {v} (reading {rep + 1}/{repeats}): {result['peak_mib']:.0f} MiB")
@@ -167,6 +175,20 @@ def _reading(readings: list[dict[str, float]] | None, key: str = "peak_mib") -> 
         "min": min(values),
         "max": max(values),
         "all": values,
+    }
+
+
+def peak_summary(readings: list[dict[str, Any]]) -> dict[str, Any]:
+    """The peak-RSS readings of one variant as the causal-LM and QLoRA result files store them:
+    median, range and every reading, with the bytes saved for backward (the same in every
+    reading: a count, not a measurement)."""
+    peaks = [r["peak_mib"] for r in readings]
+    return {
+        "median_mib": statistics.median(peaks),
+        "min_mib": min(peaks),
+        "max_mib": max(peaks),
+        "readings_mib": peaks,
+        "saved_mib": readings[0].get("saved_mib"),
     }
 
 

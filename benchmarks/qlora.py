@@ -1,22 +1,28 @@
 """QLoRA on CPU: this library over a 4-bit NF4 base against PEFT over bitsandbytes' 4-bit base.
 
-    python -m benchmarks.qlora [--rounds 5] [--batch 4] [--seq 128]
+    python -m benchmarks.qlora [--rounds 7] [--memory-repeats 3] [--batch 4] [--seq 128]
+    python -m benchmarks.qlora --quick       # a smoke run, written to benchmarks/results/quick/
     python -m benchmarks.qlora --render      # only rewrite the docs table from the JSON
 
 SmolLM2-135M (a Llama) as a causal LM, LoRA and DoRA (rank 8, alpha 16, every linear layer but the
-tied output head), the same configuration on both sides: NF4 in blocks of 64 with double
-quantisation, float32 compute. Measured:
+tied output head), each library the way its users load a 4-bit model (ours: ``inject(...,
+quantize_base=NF4(...))``; PEFT: ``from_pretrained`` with a ``BitsAndBytesConfig``, then
+``get_peft_model``): NF4 in blocks of 64 with double quantisation, float32 compute. Measured:
 
 1. base weight bytes: the adapted layers' storage (4-bit codes, absmax, code tables) against the
    same layers in float32;
 2. training-step time (forward, backward, AdamW step), CPU time of this process on one thread,
-   both libraries' models in ONE process, in interleaved rounds (median over rounds; the ratio
-   ours / PEFT is the median of the per-round ratios, so a slow phase of a shared machine cancels);
-3. peak training memory: the peak RSS increase over 3 training steps, each variant in a fresh
-   process (``--memory VARIANT`` prints one JSON line), as in ``benchmarks.memory``.
+   both libraries' models in ONE process, after ``WARMUP_STEPS`` untimed steps of each, in
+   interleaved rounds whose order is shuffled anew each round; the ratio ours / PEFT is taken
+   within each round and reported as the mean over rounds with a 95 % t-interval, and a target
+   is met only when the interval's upper end is below it;
+3. peak training memory: the peak RSS increase over 3 training steps, each variant in
+   ``--memory-repeats`` fresh processes in shuffled rounds (``--memory VARIANT`` prints one JSON
+   line), as in ``benchmarks.memory``, with the bytes autograd saves for backward as a
+   cross-check.
 
-Writes ``benchmarks/results/qlora.json`` (with the commit hash) and the table in
-``docs/how-to/qlora.md`` between its ``qlora-table`` markers.
+Writes ``benchmarks/results/qlora.json`` (commit, device and versions with the numbers) and the
+table in ``docs/how-to/qlora.md`` between its ``qlora-table`` markers.
 """
 
 from __future__ import annotations
@@ -34,15 +40,25 @@ from typing import Any
 
 import torch
 
-from benchmarks.provenance import code_since, commit_phrase, cpu_device, provenance, versions
+from benchmarks.provenance import (
+    code_since,
+    command_line,
+    commit_phrase,
+    cpu_device,
+    provenance,
+    versions,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULT = ROOT / "benchmarks" / "results" / "qlora.json"
+QUICK_RESULT = ROOT / "benchmarks" / "results" / "quick" / "qlora.json"
 PAGE = ROOT / "docs" / "how-to" / "qlora.md"
 METHODS = ("LoRA", "DoRA")
 VARIANTS = [f"{m}:{lib}" for m in METHODS for lib in ("ours", "peft")]
 RANK, ALPHA = 8, 16.0
 CLOCK = time.process_time
+#: base weight bytes over float32's, and ours over PEFT's for the step time and the peak memory
+TARGETS = {"base_bytes_ratio": 0.3, "step_ours_over_peft": 1.0, "peak_ours_over_peft": 1.0}
 
 
 def _smollm2_dir() -> Path:
@@ -129,7 +145,11 @@ def make_batch(batch: int, seq: int) -> torch.Tensor:
 
 
 def memory(variant: str, batch: int, seq: int, steps: int = 3) -> dict[str, Any]:
+    """One reading, meant for a fresh process (``--memory VARIANT``): the peak-RSS increase over
+    ``steps`` training steps and the bytes the graph saves for backward (frozen weights, the
+    4-bit codes included, left out)."""
     from benchmarks.memory import _settle, _status_kib
+    from benchmarks.tensor_bytes import saved_tensor_bytes
 
     torch.set_num_threads(1)
     stepper = Stepper(build(variant), make_batch(batch, seq))
@@ -140,10 +160,14 @@ def memory(variant: str, batch: int, seq: int, steps: int = 3) -> dict[str, Any]
     for _ in range(steps):
         stepper.step()
     peak = _status_kib("VmHWM")
-    return {"variant": variant, "peak_mib": (peak - before) / 1024}
+    frozen = [p for p in stepper.model.parameters() if not p.requires_grad]
+    saved = saved_tensor_bytes(
+        lambda: stepper.model(input_ids=stepper.batch, labels=stepper.batch).loss, exclude=frozen
+    )
+    return {"variant": variant, "peak_mib": (peak - before) / 1024, "saved_mib": saved / 2**20}
 
 
-def _memory_subprocess(variant: str, batch: int, seq: int) -> float | None:
+def _memory_subprocess(variant: str, batch: int, seq: int) -> dict[str, Any] | None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "benchmarks.qlora", "--memory", variant]
     cmd += ["--batch", str(batch), "--seq", str(seq)]
@@ -151,50 +175,50 @@ def _memory_subprocess(variant: str, batch: int, seq: int) -> float | None:
     if proc.returncode != 0:
         print(f"{variant}: memory run failed\n{proc.stderr[-2000:]}", flush=True)
         return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_mib"]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run(rounds: int, batch: int, seq: int) -> dict[str, Any]:
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def run(rounds: int, batch: int, seq: int, memory_repeats: int) -> dict[str, Any]:
+    """Time every variant in shuffled interleaved rounds, then read each one's peak memory
+    ``memory_repeats`` times in fresh processes; the result file's content."""
+    from benchmarks.common import WARMUP_STEPS, Runner, median, time_interleaved
+    from benchmarks.memory import measure_all, peak_summary
+    from benchmarks.stats import ratio_block
+
     torch.set_num_threads(1)
+    started = time.perf_counter()
     data = make_batch(batch, seq)
     models = {v: build(v) for v in VARIANTS}
     sizes = {v: base_bytes(m) for v, m in models.items()}
-    steppers = {v: Stepper(m, data) for v, m in models.items()}
-    for s in steppers.values():  # warm-up: allocator, optimizer state
-        s.step()
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    for _ in range(rounds):
-        for v, s in steppers.items():
-            start = CLOCK()
-            s.step()
-            times[v].append(CLOCK() - start)
-    del steppers, models
-    peaks = {v: _memory_subprocess(v, batch, seq) for v in VARIANTS}
-
-    def median(xs: list[float]) -> float:
-        xs = sorted(xs)
-        n = len(xs)
-        return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+    runners = [Runner(v, m, Stepper(m, data).step) for v, m in models.items()]
+    times = time_interleaved(runners, reps=rounds, steps=1, log=_log, clock=CLOCK)
+    del runners, models
+    readings = measure_all(
+        VARIANTS, memory_repeats, log=_log, run_one=lambda v: _memory_subprocess(v, batch, seq)
+    )
+    peaks = {v: peak_summary(rs) for v, rs in readings.items()}
 
     methods = {}
     for m in METHODS:
         ours, peft = f"{m}:ours", f"{m}:peft"
-        ratio = median([a / b for a, b in zip(times[ours], times[peft], strict=True)])
         methods[m] = {
-            "ours": {"step_s": median(times[ours]), "peak_mib": peaks[ours], **_size(sizes[ours])},
-            "peft": {"step_s": median(times[peft]), "peak_mib": peaks[peft], **_size(sizes[peft])},
-            "step_ours_over_peft": ratio,
-            "peak_ours_over_peft": (peaks[ours] / peaks[peft])
-            if peaks[ours] and peaks[peft]
-            else None,
+            lib: {"step_s": median(times[v]), "memory": peaks.get(v), **_size(sizes[v])}
+            for lib, v in (("ours", ours), ("peft", peft))
         }
+        methods[m]["step_ours_over_peft"] = ratio_block(
+            [a / b for a, b in zip(times[ours], times[peft], strict=True)]
+        )
     import bitsandbytes
-    import peft
 
     return {
         **provenance(cpu_device()),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "versions": {**versions(), "bitsandbytes": bitsandbytes.__version__},
+        "command": command_line("benchmarks.qlora", None),
         "setup": {
             "model": "SmolLM2-135M-Instruct (LlamaForCausalLM), float32 compute",
             "adapter": f"rank {RANK}, alpha {ALPHA:g}, all linear layers but the tied head",
@@ -202,15 +226,16 @@ def run(rounds: int, batch: int, seq: int) -> dict[str, Any]:
             "batch": batch,
             "seq": seq,
             "rounds": rounds,
+            "warmup_steps": WARMUP_STEPS,
+            "order": "shuffled anew each round (seeded)",
+            "memory_repeats": memory_repeats,
             "threads": 1,
             "clock": "process CPU time",
         },
-        "targets": {
-            "base_bytes_ratio": 0.3,
-            "step_ours_over_peft": 1.0,
-            "peak_ours_over_peft": 1.0,
-        },
+        "targets": TARGETS,
         "methods": methods,
+        "rounds": times,
+        "wall_seconds": round(time.perf_counter() - started, 1),
     }
 
 
@@ -219,34 +244,54 @@ def _size(size: dict[str, float]) -> dict[str, float]:
 
 
 def table(res: dict[str, Any]) -> str:
-    s = res["setup"]
+    """The page's table and the line above it, from :func:`run`'s result."""
+    from benchmarks.report_causal import interval_text, memory_met_text, met_text, mib_text
+
+    s, targets = res["setup"], res["targets"]
     lines = [
         f"SmolLM2-135M, batch {s['batch']} x {s['seq']} tokens, {s['adapter']}; "
-        f"{s['quantisation']}; {res.get('device', 'one CPU thread')}, median of {s['rounds']} "
-        "interleaved rounds "
+        f"{s['quantisation']}; {res['device']}; timed by {s['clock']} in {s['rounds']} "
+        f"interleaved rounds of one step, the order {s['order']}, after {s['warmup_steps']} "
+        "warm-up steps of each; seconds are medians, the step ratio the mean [95 % t-interval] "
+        "over rounds of the ratio within a round, met only when the interval's upper end is "
+        "below the target; memory is the median (range) of "
+        f"{s['memory_repeats']} fresh-process reading{'s' * (s['memory_repeats'] > 1)} of the "
+        "peak-RSS increase over 3 training "
+        "steps, met only when even ours' largest reading over PEFT's smallest is below it "
         f"({commit_phrase(res)}, {res['date']}, bitsandbytes "
-        f"{res['versions']['bitsandbytes']}, PEFT {res['versions']['peft']}). "
-        + code_since(res.get("commit")),
+        f"{res['versions']['bitsandbytes']}, PEFT {res['versions']['peft']}; whole run "
+        f"{res['wall_seconds']:.0f} s). " + code_since(res.get("commit")),
         "",
-        "| method | library | base weights (MiB) | of float32 | step (s) | ours / PEFT step "
-        "| peak training memory (MiB) | ours / PEFT peak |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| method | library | base weights (MiB) | of float32 | met | step (s) | ours / PEFT step "
+        "| met | peak training memory (MiB) | saved for backward (MiB) | ours / PEFT peak "
+        "(medians) | met |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    base_target = targets["base_bytes_ratio"]
     for m, r in res["methods"].items():
         for lib in ("ours", "peft"):
-            v = r[lib]
-            peak = f"{v['peak_mib']:.0f}" if v["peak_mib"] is not None else "-"
-            ratio = f"{r['step_ours_over_peft']:.2f}" if lib == "ours" else ""
-            pratio = (
-                f"{r['peak_ours_over_peft']:.2f}"
-                if lib == "ours" and r["peak_ours_over_peft"]
-                else ""
-            )
-            name = "this library" if lib == "ours" else "PEFT + bitsandbytes"
-            lines.append(
-                f"| {m} | {name} | {v['base_mib']:.1f} | {100 * v['base_ratio']:.1f} % "
-                f"| {v['step_s']:.2f} | {ratio} | {peak} | {pratio} |"
-            )
+            v, ours = r[lib], lib == "ours"
+            mem, peft_mem = v["memory"], r["peft"]["memory"]
+            base_met = "yes" if v["base_ratio"] <= base_target else "**no**"
+            base_met = f"{base_met} (<= {base_target:.2f})" if ours else ""
+            saved = f"{mem['saved_mib']:.1f}" if mem and mem.get("saved_mib") is not None else "-"
+            cells = [
+                m,
+                "this library" if ours else "PEFT + bitsandbytes",
+                f"{v['base_mib']:.1f}",
+                f"{100 * v['base_ratio']:.1f} %",
+                base_met,
+                f"{v['step_s']:.2f}",
+                interval_text(r["step_ours_over_peft"]) if ours else "",
+                met_text(r["step_ours_over_peft"], targets["step_ours_over_peft"]) if ours else "",
+                mib_text(mem),
+                saved,
+                f"{mem['median_mib'] / peft_mem['median_mib']:.2f}"
+                if ours and mem and peft_mem
+                else "",
+                memory_met_text(mem, peft_mem, targets["peak_ours_over_peft"]) if ours else "",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -263,9 +308,13 @@ def render(res: dict[str, Any]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--memory-repeats", type=int, default=3, help="fresh processes each")
+    parser.add_argument(
+        "--quick", action="store_true", help="2 rounds, 1 memory reading, written under quick/"
+    )
     parser.add_argument("--memory", metavar="VARIANT", choices=VARIANTS)
     parser.add_argument("--render", action="store_true", help="only rewrite the docs table")
     args = parser.parse_args()
@@ -273,11 +322,16 @@ def main() -> None:
     if args.memory:
         print(json.dumps(memory(args.memory, args.batch, args.seq)))
         return
+    if args.quick:
+        args.rounds, args.memory_repeats = 2, 1
+    out = QUICK_RESULT if args.quick else RESULT
     if not args.render:
-        res = run(args.rounds, args.batch, args.seq)
-        RESULT.write_text(json.dumps(res, indent=2) + "\n")
+        res = run(args.rounds, args.batch, args.seq, args.memory_repeats)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=2) + "\n")
         print(table(res))
-    render(json.loads(RESULT.read_text()))
+    if not args.quick:  # a smoke run never reaches the page
+        render(json.loads(RESULT.read_text()))
 
 
 if __name__ == "__main__":

@@ -14,13 +14,13 @@ def counterpart(variant: str) -> str | None:
     return f"{name}:peft{lib[4:]}" if lib.startswith("ours") else None
 
 
-def _interval(d: dict[str, Any] | None) -> str:
+def interval_text(d: dict[str, Any] | None) -> str:
     if not d:
         return "-"
     return f"{d['mean']:.3f} [{d['low']:.3f}, {d['high']:.3f}]"
 
 
-def _met(d: dict[str, Any] | None, target: float | None) -> str:
+def met_text(d: dict[str, Any] | None, target: float | None) -> str:
     """ "yes" only when the 95 % interval lies below ``target``, "**no**" when above it."""
     if not d or target is None:
         return "-"
@@ -31,7 +31,7 @@ def _met(d: dict[str, Any] | None, target: float | None) -> str:
     return f"not shown (<= {target:.2f} inside the interval)"
 
 
-def _memory_met(ours: dict | None, peft: dict | None, target: float | None) -> str:
+def memory_met_text(ours: dict | None, peft: dict | None, target: float | None) -> str:
     """Met when even the largest reading of ours over the smallest of PEFT is under the target."""
     if not ours or not peft or target is None:
         return "-"
@@ -43,7 +43,7 @@ def _memory_met(ours: dict | None, peft: dict | None, target: float | None) -> s
     return f"not shown (<= {target:.2f} inside the readings' range)"
 
 
-def _mib(m: dict | None) -> str:
+def mib_text(m: dict | None) -> str:
     if not m:
         return "-"
     n = len(m["readings_mib"])
@@ -61,7 +61,7 @@ def mode_table(res: dict[str, Any], mode: str) -> list[str]:
         f"Gradient checkpointing **{mode}**."
         + (f" Floor: {tr['seconds']['floor']:.3f} s/step." if tr else "")
         + (
-            f" Floor memory: {_mib(mem.get('floor'))} MiB, saved for backward "
+            f" Floor memory: {mib_text(mem.get('floor'))} MiB, saved for backward "
             f"{mem['floor']['saved_mib']:.1f} MiB."
             if mem.get("floor")
             else ""
@@ -86,22 +86,22 @@ def mode_table(res: dict[str, Any], mode: str) -> list[str]:
         lines.append(
             f"| {v} | "
             + (f"{tr['seconds'][v]:.3f}" if tr else "-")
-            + f" | {_interval(r.get('over_floor'))} | "
+            + f" | {interval_text(r.get('over_floor'))} | "
             + (
-                _met(r.get("over_floor"), targets["step_over_floor"].get(method))
+                met_text(r.get("over_floor"), targets["step_over_floor"].get(method))
                 if is_ours
                 else "-"
             )
-            + f" | {_interval(r.get('over_peft'))} | "
+            + f" | {interval_text(r.get('over_peft'))} | "
             + (
-                _met(r.get("over_peft"), nf4 or targets["ours_over_peft"].get(method))
+                met_text(r.get("over_peft"), nf4 or targets["ours_over_peft"].get(method))
                 if is_ours or nf4
                 else "-"
             )
-            + f" | {_mib(m)} | "
+            + f" | {mib_text(m)} | "
             + (f"{m['saved_mib']:.1f}" if m else "-")
             + f" | {ratio_m} | "
-            + _memory_met(m, peft_m, nf4 or targets["memory_ours_over_peft"].get(method))
+            + memory_met_text(m, peft_m, nf4 or targets["memory_ours_over_peft"].get(method))
             + " |"
         )
     return lines

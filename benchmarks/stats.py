@@ -78,6 +78,19 @@ def t_interval(values: Sequence[float]) -> tuple[float, float, float]:
     return m, m - half, m + half
 
 
+def ratio_block(ratios: Sequence[float]) -> dict[str, object]:
+    """A benchmark ratio over rounds as the result files store it: ``mean``, ``low`` and
+    ``high`` (:func:`t_interval`), the ``median`` and the per-round ``ratios``."""
+    m, low, high = t_interval(ratios)
+    return {
+        "mean": m,
+        "low": low,
+        "high": high,
+        "median": statistics.median(ratios),
+        "ratios": list(ratios),
+    }
+
+
 @dataclass(frozen=True)
 class Verdict:
     """One paired comparison.
