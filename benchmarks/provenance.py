@@ -17,6 +17,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 #: where the benchmarks write their results, relative to ROOT
 RESULTS = "benchmarks/results"
+#: what the benchmarks write, which a run never reads: their result files and the pages and plots
+#: they render (``make bench`` renders one script's table before the next script runs)
+OUTPUTS = (RESULTS, "docs")
 
 
 #: the library's own code, whose changes since a result's commit the pages point out
@@ -38,9 +41,9 @@ def _git(root: Path, *args: str) -> str | None:
 def git_commit(root: Path = ROOT) -> dict[str, Any]:
     """``{"commit": sha or None, "dirty": bool or None}`` of the checkout at ``root``.
 
-    ``dirty`` is ``True`` when tracked files other than the result files
-    (``benchmarks/results/``) differ from the commit (the result may not be reproducible from
-    the commit alone). Outside a git checkout both are ``None``.
+    ``dirty`` is ``True`` when tracked files other than the benchmarks' outputs (``OUTPUTS``:
+    the result files and the documentation they render into) differ from the commit (the result
+    may not be reproducible from the commit alone). Outside a git checkout both are ``None``.
     """
 
     def git(*args: str) -> str | None:
@@ -49,9 +52,11 @@ def git_commit(root: Path = ROOT) -> dict[str, Any]:
     commit = git("rev-parse", "HEAD")
     if commit is None:
         return {"commit": None, "dirty": None}
-    # the result files are what runs write, not what they run: a resumed study's own result
-    # file, changed by its first runs, does not make the later ones "dirty"
-    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", f":(exclude){RESULTS}")
+    # the outputs are what runs write, not what they run: a resumed study's own result file,
+    # changed by its first runs, or a page rendered by the script before, does not make the
+    # later ones "dirty"
+    excluded = [f":(exclude){path}" for path in OUTPUTS]
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", *excluded)
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 

@@ -224,12 +224,16 @@ def test_changed_result_files_do_not_make_a_checkout_dirty(tmp_path):
     (tmp_path / "benchmarks" / "results").mkdir(parents=True)
     (tmp_path / "benchmarks" / "results" / "study.json").write_text("{}")
     (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "docs" / "concepts").mkdir(parents=True)
+    (tmp_path / "docs" / "concepts" / "adalora.md").write_text("a table\n")
     git("init", "-q")
     git("add", ".")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
     assert git_commit(tmp_path)["dirty"] is False
     (tmp_path / "benchmarks" / "results" / "study.json").write_text('{"runs": []}')
     assert git_commit(tmp_path)["dirty"] is False  # a resumed study's own output
+    (tmp_path / "docs" / "concepts" / "adalora.md").write_text("a table rendered anew\n")
+    assert git_commit(tmp_path)["dirty"] is False  # a page an earlier benchmark rendered
     (tmp_path / "code.py").write_text("x = 2\n")
     assert git_commit(tmp_path)["dirty"] is True
 
