@@ -257,7 +257,7 @@ def table(res: dict[str, Any]) -> str:
         "below the target; memory is the median (range) of "
         f"{s['memory_repeats']} fresh-process reading{'s' * (s['memory_repeats'] > 1)} of the "
         "peak-RSS increase over 3 training "
-        "steps, met only when even ours' largest reading over PEFT's smallest is below it "
+        "steps, met only when even our largest reading over PEFT's smallest is below it "
         f"({commit_phrase(res)}, {res['date']}, bitsandbytes "
         f"{res['versions']['bitsandbytes']}, PEFT {res['versions']['peft']}; whole run "
         f"{res['wall_seconds']:.0f} s). " + code_since(res.get("commit")),
