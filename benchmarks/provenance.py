@@ -179,9 +179,10 @@ def runs_code_note(commits: list[str], root: Path = ROOT) -> str:
     known = {c: library_changes(c, root) for c in set(commits)}
     if not known or any(v is None for v in known.values()):
         return code_since(commits[0], root) if len(set(commits)) == 1 else ""
-    # the newest commit has the fewest library changes after it, the oldest the most
-    order = sorted(known, key=lambda c: (len(known[c] or []), c))
-    newest, oldest = order[0], order[-1]
+    # every commit is an ancestor of HEAD: the more commits lead to one, the newer it is
+    depth = {c: int(_git(root, "rev-list", "--count", c) or 0) for c in known}
+    order = sorted(known, key=lambda c: (depth[c], c))
+    oldest, newest = order[0], order[-1]
     note = code_since(newest, root)
     between = [c for c in known[oldest] or [] if c not in set(known[newest] or [])]
     if between:
