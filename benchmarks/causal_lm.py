@@ -31,8 +31,6 @@ import argparse
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -265,7 +263,7 @@ def measure_variant(
     """Peak-RSS increase over ``steps`` training steps of ``variant`` and the bytes its graph
     saves for backward; meant for a fresh process (``--memory-variant``). With checkpointing the
     count sees what the checkpointed blocks keep (their inputs), not what they recompute."""
-    from benchmarks.memory import _settle, _status_kib
+    from benchmarks.memory import peak_rss_increase
     from benchmarks.tensor_bytes import saved_tensor_bytes
 
     torch.set_num_threads(1)
@@ -273,44 +271,23 @@ def measure_variant(
     batch = make_batch(base.config.vocab_size, batch_size, seq)
     runner = build(variant, base, batch, checkpointing)
     del base
-    _settle()
-    before = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # the peak-RSS counter restarts at the current RSS
-    for _ in range(steps):
-        runner.step()
-    peak = _status_kib("VmHWM")
+    _, peak = peak_rss_increase(runner.step, steps)
     frozen = [p for p in runner.model.parameters() if not p.requires_grad]
     saved = saved_tensor_bytes(lambda: runner.model(**batch).loss, exclude=frozen)
     return {
         "variant": variant,
         "checkpointing": checkpointing,
-        "peak_mib": (peak - before) / 1024,
+        "peak_mib": peak,
         "saved_mib": saved / 2**20,
     }
 
 
 def _memory_process(variant: str, args: argparse.Namespace, checkpointing: bool) -> dict | None:
-    root = Path(__file__).resolve().parent.parent
-    cmd = [
-        sys.executable,
-        "-m",
-        "benchmarks.causal_lm",
-        "--memory-variant",
-        variant,
-        "--checkpointing",
-        "on" if checkpointing else "off",
-        "--batch",
-        str(args.batch),
-        "--seq",
-        str(args.seq),
-    ] + (["--tiny"] if args.tiny else [])
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if proc.returncode != 0:
-        log(f"  {variant}: memory run failed\n{proc.stderr[-2000:]}")
-        return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    from benchmarks.memory import reading_in_subprocess
+
+    cmd = ["--memory-variant", variant, "--checkpointing", "on" if checkpointing else "off"]
+    cmd += ["--batch", str(args.batch), "--seq", str(args.seq)] + (["--tiny"] if args.tiny else [])
+    return reading_in_subprocess("benchmarks.causal_lm", cmd, variant)
 
 
 def memory_mode(names: list[str], args: argparse.Namespace, checkpointing: bool) -> dict[str, Any]:

@@ -94,23 +94,44 @@ def cross_check(runner: object, batch: dict) -> dict[str, float]:
     }
 
 
+def peak_rss_increase(step: Callable[[], object], steps: int = 3) -> tuple[float, float]:
+    """``(rss_before_mib, peak_increase_mib)``: this process's RSS once freed memory is handed
+    back, and how far its peak RSS rises above it over ``steps`` calls of ``step`` (the kernel's
+    VmHWM counter, reset through ``/proc/self/clear_refs``; Linux only)."""
+    _settle()
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM (the peak RSS) to the current RSS
+    for _ in range(steps):
+        step()
+    return before / 1024, (_status_kib("VmHWM") - before) / 1024
+
+
+def reading_in_subprocess(module: str, args: list[str], label: str) -> dict[str, Any] | None:
+    """The JSON line ``python -m module ARGS`` prints last, run in a fresh process with this
+    checkout on its path; ``None`` (and the end of its stderr printed) when it fails."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, check=False
+    )
+    if proc.returncode != 0:
+        print(f"  {label}: memory run failed\n{proc.stderr[-2000:]}", flush=True)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def measure(variant: str, steps: int = 3) -> dict[str, float]:
     from benchmarks.common import make_batch
 
     torch.set_num_threads(1)
     batch = make_batch()
     runner = build_variant(variant, batch)
-    _settle()
-    before = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM (the peak RSS) to the current RSS
-    for _ in range(steps):
-        runner.step()  # type: ignore[attr-defined]
-    peak = _status_kib("VmHWM")
+    before, peak = peak_rss_increase(runner.step, steps)  # type: ignore[attr-defined]
     return {
         "variant": variant,
-        "peak_mib": (peak - before) / 1024,
-        "rss_before_mib": before / 1024,
+        "peak_mib": peak,
+        "rss_before_mib": before,
         **cross_check(runner, batch),
     }
 
@@ -150,20 +171,8 @@ def variants() -> list[str]:
     return out
 
 
-def _run_variant(variant: str) -> dict[str, float] | None:
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.memory", variant],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-    )
-    if proc.returncode != 0:
-        print(f"{variant}: failed\n{proc.stderr[-2000:]}", flush=True)
-        return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def _run_variant(variant: str) -> dict[str, Any] | None:
+    return reading_in_subprocess("benchmarks.memory", [variant], variant)
 
 
 def _reading(readings: list[dict[str, float]] | None, key: str = "peak_mib") -> dict | None:

@@ -45,18 +45,14 @@ def git_commit(root: Path = ROOT) -> dict[str, Any]:
     the result files and the documentation they render into) differ from the commit (the result
     may not be reproducible from the commit alone). Outside a git checkout both are ``None``.
     """
-
-    def git(*args: str) -> str | None:
-        return _git(root, *args)
-
-    commit = git("rev-parse", "HEAD")
+    commit = _git(root, "rev-parse", "HEAD")
     if commit is None:
         return {"commit": None, "dirty": None}
     # the outputs are what runs write, not what they run: a resumed study's own result file,
     # changed by its first runs, or a page rendered by the script before, does not make the
     # later ones "dirty"
     excluded = [f":(exclude){path}" for path in OUTPUTS]
-    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", *excluded)
+    status = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ".", *excluded)
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 
@@ -184,7 +180,8 @@ def runs_code_note(commits: list[str], root: Path = ROOT) -> str:
     order = sorted(known, key=lambda c: (depth[c], c))
     oldest, newest = order[0], order[-1]
     note = code_since(newest, root)
-    between = [c for c in known[oldest] or [] if c not in set(known[newest] or [])]
+    later = set(known[newest] or ())  # never None here: checked above
+    between = [c for c in known[oldest] or () if c not in later]
     if between:
         note += (
             " The runs did not all run the same library code: "

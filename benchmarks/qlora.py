@@ -30,8 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 import warnings
 from datetime import datetime, timezone
@@ -148,34 +146,17 @@ def memory(variant: str, batch: int, seq: int, steps: int = 3) -> dict[str, Any]
     """One reading, meant for a fresh process (``--memory VARIANT``): the peak-RSS increase over
     ``steps`` training steps and the bytes the graph saves for backward (frozen weights, the
     4-bit codes included, left out)."""
-    from benchmarks.memory import _settle, _status_kib
+    from benchmarks.memory import peak_rss_increase
     from benchmarks.tensor_bytes import saved_tensor_bytes
 
     torch.set_num_threads(1)
     stepper = Stepper(build(variant), make_batch(batch, seq))
-    _settle()
-    before = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak RSS to the current RSS
-    for _ in range(steps):
-        stepper.step()
-    peak = _status_kib("VmHWM")
+    _, peak = peak_rss_increase(stepper.step, steps)
     frozen = [p for p in stepper.model.parameters() if not p.requires_grad]
     saved = saved_tensor_bytes(
         lambda: stepper.model(input_ids=stepper.batch, labels=stepper.batch).loss, exclude=frozen
     )
-    return {"variant": variant, "peak_mib": (peak - before) / 1024, "saved_mib": saved / 2**20}
-
-
-def _memory_subprocess(variant: str, batch: int, seq: int) -> dict[str, Any] | None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "benchmarks.qlora", "--memory", variant]
-    cmd += ["--batch", str(batch), "--seq", str(seq)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if proc.returncode != 0:
-        print(f"{variant}: memory run failed\n{proc.stderr[-2000:]}", flush=True)
-        return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"variant": variant, "peak_mib": peak, "saved_mib": saved / 2**20}
 
 
 def _log(msg: str) -> None:
@@ -186,7 +167,7 @@ def run(rounds: int, batch: int, seq: int, memory_repeats: int) -> dict[str, Any
     """Time every variant in shuffled interleaved rounds, then read each one's peak memory
     ``memory_repeats`` times in fresh processes; the result file's content."""
     from benchmarks.common import WARMUP_STEPS, Runner, median, time_interleaved
-    from benchmarks.memory import measure_all, peak_summary
+    from benchmarks.memory import measure_all, peak_summary, reading_in_subprocess
     from benchmarks.stats import ratio_block
 
     torch.set_num_threads(1)
@@ -198,7 +179,12 @@ def run(rounds: int, batch: int, seq: int, memory_repeats: int) -> dict[str, Any
     times = time_interleaved(runners, reps=rounds, steps=1, log=_log, clock=CLOCK)
     del runners, models
     readings = measure_all(
-        VARIANTS, memory_repeats, log=_log, run_one=lambda v: _memory_subprocess(v, batch, seq)
+        VARIANTS,
+        memory_repeats,
+        log=_log,
+        run_one=lambda v: reading_in_subprocess(
+            "benchmarks.qlora", ["--memory", v, "--batch", str(batch), "--seq", str(seq)], v
+        ),
     )
     peaks = {v: peak_summary(rs) for v, rs in readings.items()}
 
